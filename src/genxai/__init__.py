@@ -1,0 +1,3 @@
+"""genxai: explainable generative modelling on PyTorch."""
+
+__version__ = "0.1.0"

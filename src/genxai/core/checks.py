@@ -1,0 +1,74 @@
+"""Input checks shared by every method: each error names the argument and says what was expected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> torch.Tensor:
+    """A finite floating-point image batch of shape (N, C, H, W)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: expected a floating-point tensor, got dtype {x.dtype} (convert with .float())"
+        )
+    if x.ndim != 4:
+        hint = " (add a batch dimension with x.unsqueeze(0))" if x.ndim == 3 else ""
+        raise ValueError(f"{name}: expected shape (N, C, H, W), got {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels, got {x.shape[1]} in shape {tuple(x.shape)}")
+    check_finite(x, name)
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Reject NaN and infinity with the count of bad values."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: contains {int(bad.sum())} NaN or infinite values")
+    return x
+
+
+def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_in_range(value: Any, name: str, low: float, high: float, *, closed: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = low <= value <= high if closed else low < value < high
+    if not ok:
+        brackets = "[]" if closed else "()"
+        raise ValueError(
+            f"{name}: expected a number in {brackets[0]}{low}, {high}{brackets[1]}, got {value!r}"
+        )
+    return float(value)
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...] | list[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_maps(maps: Any, x: torch.Tensor, name: str = "maps") -> torch.Tensor:
+    """A saliency map batch matching ``x``: (N, 1 or C, H, W) or (N, H, W); returned as (N, 1|C, H, W)."""
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(maps).__name__}")
+    if maps.ndim == 3:
+        maps = maps.unsqueeze(1)
+    if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
+        raise ValueError(
+            f"{name}: expected shape (N, 1, H, W) matching x {tuple(x.shape)}, got {tuple(maps.shape)}"
+        )
+    if maps.shape[1] not in (1, x.shape[1]):
+        raise ValueError(f"{name}: expected 1 or {x.shape[1]} channels, got {maps.shape[1]}")
+    check_finite(maps, name)
+    return maps.float()

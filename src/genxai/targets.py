@@ -1,0 +1,29 @@
+"""Public alias of :mod:`genxai.core.targets`: ``from genxai.targets import Fake, ClassLogit``."""
+
+from genxai.core.targets import (
+    ClassLogit,
+    ClassProbability,
+    DiscriminatorScore,
+    Fake,
+    FunctionTarget,
+    Predicted,
+    Select,
+    Target,
+    UnitActivation,
+    as_target,
+    evaluate,
+)
+
+__all__ = [
+    "ClassLogit",
+    "ClassProbability",
+    "DiscriminatorScore",
+    "Fake",
+    "FunctionTarget",
+    "Predicted",
+    "Select",
+    "Target",
+    "UnitActivation",
+    "as_target",
+    "evaluate",
+]
