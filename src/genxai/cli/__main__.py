@@ -1,0 +1,3 @@
+from genxai.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Commands: train, sample, fid, ablate."""

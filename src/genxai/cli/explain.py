@@ -1,0 +1,1 @@
+"""Commands: explain, report, demo."""
