@@ -196,7 +196,8 @@ class Surrogate(Attribution):
     """Shared machinery of LIME and KernelSHAP; a subclass states how coalitions are drawn and fitted.
 
     Args:
-        samples: coalitions per image (forward passes per image).
+        samples: coalitions per image (forward passes per image); use clearly more than the
+            number of superpixels, or the fit is underdetermined (minimum-norm solution).
         segments: SLIC's ``n_segments`` when no ``segmentation`` is given at call time.
         compactness: SLIC's compactness.
         baseline: value of switched-off superpixels: a number, a tensor broadcastable to ``x``, or
