@@ -121,12 +121,22 @@ def generate_shapes(
     return tuple(torch.cat(items) for items in zip(*parts))  # type: ignore[return-value]
 
 
+def _fill(out: torch.Tensor, group: torch.Tensor, makers: Sequence[Callable | None]) -> torch.Tensor:
+    """``out[i] = makers[group[i]](rows)``, each maker run once on the rows of its group (None: keep)."""
+    for k, make in enumerate(makers):
+        rows = (group == k).nonzero().flatten()
+        if make is not None and rows.numel():
+            out[rows] = make(rows).to(out.dtype)
+    return out
+
+
 def _render(
     index: torch.Tensor, size: int, seed: int, shapes: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rand = _Randoms(seed, index)
     n, device = index.shape[0], index.device
     labels = index % len(shapes)
+    plane = torch.zeros(n, size, size, device=device)
 
     # Geometry: radius 0.2-0.4 of the side; the centre keeps the whole shape inside the image.
     radius = 0.2 + 0.2 * rand()
@@ -134,36 +144,50 @@ def _render(
     grid = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
     dx = (grid.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1)) / radius.view(-1, 1, 1)
     dy = (grid.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)) / radius.view(-1, 1, 1)
-    mask = torch.zeros(n, size, size, dtype=torch.bool, device=device)
-    for k, name in enumerate(shapes):
-        mask |= (labels == k).view(-1, 1, 1) & _SHAPE_FNS[name](dx, dy)
+
+    def shape(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda rows: _SHAPE_FNS[name](dx[rows], dy[rows])
+
+    mask = _fill(torch.zeros_like(plane, dtype=torch.bool), labels, [shape(name) for name in shapes])
 
     # Background: a base colour, varied by at most +-0.1 (flat, linear gradient or smooth noise).
     base = rand(3)
-    kind = _choice(rand(), len(BACKGROUNDS)).view(-1, 1, 1)
-    angle = 2 * torch.pi * rand().view(-1, 1, 1)
-    ramp = ((dx * radius.view(-1, 1, 1)) * angle.cos() + (dy * radius.view(-1, 1, 1)) * angle.sin()).clamp(
-        -1, 1
-    )
-    noise = 2 * _value_noise(rand(4, 4), size) - 1
-    variation = torch.where(kind == 1, ramp, torch.where(kind == 2, noise, torch.zeros_like(ramp)))
+    kind = _choice(rand(), len(BACKGROUNDS))
+    angle = (2 * torch.pi * rand()).view(-1, 1, 1)
+    cells = rand(4, 4)
+
+    def gradient(rows: torch.Tensor) -> torch.Tensor:
+        along = dx[rows] * angle[rows].cos() + dy[rows] * angle[rows].sin()
+        return (along * radius[rows].view(-1, 1, 1)).clamp(-1, 1)
+
+    def noise(rows: torch.Tensor) -> torch.Tensor:
+        return 2 * _value_noise(cells[rows], size) - 1
+
+    variation = _fill(plane.clone(), kind, [None, gradient, noise])
     background = base[:, :, None, None] + 0.1 * variation[:, None]
 
     # Foreground: 0.35-0.65 around the colour circle from the base in each channel, so at least
-    # 0.35 away; textures move it further from the base (never closer).
+    # 0.35 away; textures in [0, 1] move it up to 0.3 further from the base (never closer).
     fg = (base + 0.35 + 0.3 * rand(3)) % 1.0
     away = torch.where(fg > base, 1.0, -1.0)[:, :, None, None]
-    texture = _choice(rand(), len(TEXTURES)).view(-1, 1, 1)
+    texture = _choice(rand(), len(TEXTURES))
     frequency = (1.5 + 1.5 * rand()).view(-1, 1, 1)
-    stripe_angle = torch.pi * rand().view(-1, 1, 1)
-    stripes = (
-        torch.frac(frequency * (dx * stripe_angle.cos() + dy * stripe_angle.sin()) + 8.0) < 0.5
-    ).float()
-    checker = ((torch.floor(frequency * dx) + torch.floor(frequency * dy)) % 2).float()
-    speckle = _value_noise(rand(8, 8), size)
-    pattern = torch.stack([torch.zeros_like(stripes), stripes, checker, speckle], dim=1)
-    pattern = pattern.gather(1, texture[:, None].expand(-1, 1, size, size))
-    foreground = fg[:, :, None, None] + 0.3 * pattern * away
+    stripe_angle = (torch.pi * rand()).view(-1, 1, 1)
+    speckles = rand(8, 8)
+
+    def stripes(rows: torch.Tensor) -> torch.Tensor:
+        along = dx[rows] * stripe_angle[rows].cos() + dy[rows] * stripe_angle[rows].sin()
+        return torch.frac(frequency[rows] * along + 8.0) < 0.5
+
+    def checker(rows: torch.Tensor) -> torch.Tensor:
+        cell = torch.floor(frequency[rows] * dx[rows]) + torch.floor(frequency[rows] * dy[rows])
+        return cell % 2
+
+    def speckle(rows: torch.Tensor) -> torch.Tensor:
+        return _value_noise(speckles[rows], size)
+
+    pattern = _fill(plane.clone(), texture, [None, stripes, checker, speckle])
+    foreground = fg[:, :, None, None] + 0.3 * pattern[:, None] * away
 
     images = torch.where(mask[:, None], foreground, background).clamp(0.0, 1.0)
     return images, labels, mask[:, None]
