@@ -59,16 +59,16 @@ def test_occlusion_agrees_with_captum(gapnet, baseline):
 
 def test_occlusion_batch_size_and_tensor_baseline(gapnet, images):
     baseline = images.mean(dim=(2, 3), keepdim=True)
-    a = Occlusion(gapnet, window=4, stride=2, batch_size=5)(images, target=2, baseline=baseline)
-    b = Occlusion(gapnet, window=4, stride=2, batch_size=500, baseline=baseline)(images, target=2)
+    a = Occlusion(gapnet, window=6, stride=5, batch_size=5)(images, target=2, baseline=baseline)
+    b = Occlusion(gapnet, window=6, stride=5, batch_size=500, baseline=baseline)(images, target=2)
     assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_rise_is_seeded_and_chunk_independent(gapnet, images):
-    a = RISE(gapnet, masks=60, cell=4, batch_size=16, seed=3)(images, target=1)
-    b = RISE(gapnet, masks=60, cell=4, batch_size=16, seed=3)(images, target=1)
-    c = RISE(gapnet, masks=60, cell=4, batch_size=7, seed=3)(images, target=1)
-    d = RISE(gapnet, masks=60, cell=4, batch_size=16, seed=4)(images, target=1)
+    a = RISE(gapnet, masks=24, cell=4, batch_size=16, seed=3)(images, target=1)
+    b = RISE(gapnet, masks=24, cell=4, batch_size=16, seed=3)(images, target=1)
+    c = RISE(gapnet, masks=24, cell=4, batch_size=7, seed=3)(images, target=1)
+    d = RISE(gapnet, masks=24, cell=4, batch_size=16, seed=4)(images, target=1)
     assert a.shape == (4, 1, 16, 16)
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=1e-6)
