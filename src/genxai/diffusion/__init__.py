@@ -2,5 +2,6 @@
 
 from genxai.diffusion.cycle import CycleSchedule, Position
 from genxai.diffusion.schedule import NoiseSchedule
+from genxai.diffusion.unet import UNet
 
-__all__ = ["CycleSchedule", "NoiseSchedule", "Position"]
+__all__ = ["CycleSchedule", "NoiseSchedule", "Position", "UNet"]
