@@ -4,7 +4,11 @@
 """
 
 from genxai.attribution.base import METHODS, Attribution, LayerAttribution, normalize_maps, reduce_channels
+from genxai.attribution.cam import CAM, BaseCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from genxai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
+from genxai.attribution.perturbation import RISE, Occlusion
+from genxai.attribution.surrogate import LIME, KernelSHAP, SurrogateFit, weighted_least_squares
+from genxai.attribution.visualization import ClassModelVisualization
 
 
 def get(name: str) -> type[Attribution]:
@@ -18,14 +22,27 @@ def names() -> list[str]:
 
 
 __all__ = [
+    "CAM",
+    "LIME",
+    "RISE",
     "Attribution",
+    "BaseCAM",
+    "ClassModelVisualization",
+    "GradCAM",
+    "GradCAMPlusPlus",
     "InputXGradient",
     "IntegratedGradients",
+    "KernelSHAP",
     "LayerAttribution",
+    "LayerCAM",
+    "Occlusion",
     "Saliency",
+    "ScoreCAM",
     "SmoothGrad",
+    "SurrogateFit",
     "get",
     "names",
     "normalize_maps",
     "reduce_channels",
+    "weighted_least_squares",
 ]
