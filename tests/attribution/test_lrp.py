@@ -27,6 +27,7 @@ from genxai.attribution.lrp import (
     ZPlus,
     stabilize,
 )
+from genxai.core.targets import UnitActivation
 from tests.conftest import Discriminator
 
 # --- small models ---------------------------------------------------------------------------------
@@ -185,6 +186,15 @@ def test_epsilon_conserves_the_logit(signed_images):
     rel = LRP(model, composite)(signed_images, target=3)
     logit = model(signed_images)[:, 3]
     torch.testing.assert_close(rel.sum(dim=(1, 2, 3)), logit, rtol=1e-4, atol=1e-7)
+
+
+def test_unit_target_conserves_the_unit_score(signed_images):
+    model = bias_free_net()
+    target = UnitActivation("3", unit=2)  # mean activation of channel 2 of the second conv
+    rel = LRP(model, Composite({(nn.Conv2d, nn.Linear): Epsilon(1e-9)}))(signed_images, target=target)
+    with torch.no_grad():
+        score = model[:4](signed_images)[:, 2].mean(dim=(1, 2))
+    torch.testing.assert_close(rel.sum(dim=(1, 2, 3)), score, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -120,10 +120,10 @@ class Layer:
         self.bias = bias.detach() if isinstance(bias, torch.Tensor) else None
 
     def __call__(self, x: torch.Tensor, weight: Modifier = keep, bias: Modifier = keep) -> torch.Tensor:
-        if weight is keep and bias is keep:
+        if not isinstance(self.module, LINEAR_LAYERS) or self.weight is None:
+            if weight is not keep or bias is not keep:
+                raise TypeError(f"rule: cannot modify the parameters of a {type(self.module).__name__}")
             return self.forward(x)
-        if self.weight is None:
-            raise TypeError(f"rule: {type(self.module).__name__} has no weight to modify")
         new_bias = None if self.bias is None else bias(self.bias)
         return linear_map(self.module, x, weight(self.weight), new_bias)
 
