@@ -1,7 +1,27 @@
 """XAI-guided diffusion: noise schedule, UNet, discriminator, saliency-shaped noise, samplers, the cycle."""
 
 from genxai.diffusion.cycle import CycleSchedule, Position
+from genxai.diffusion.discriminator import Discriminator, d_loss
+from genxai.diffusion.guidance import (
+    DiscriminatorGuidance,
+    anneal_weight,
+    discriminator_guidance,
+    noise_weight,
+    saliency,
+)
 from genxai.diffusion.schedule import NoiseSchedule
 from genxai.diffusion.unet import UNet
 
-__all__ = ["CycleSchedule", "NoiseSchedule", "Position", "UNet"]
+__all__ = [
+    "CycleSchedule",
+    "Discriminator",
+    "DiscriminatorGuidance",
+    "NoiseSchedule",
+    "Position",
+    "UNet",
+    "anneal_weight",
+    "d_loss",
+    "discriminator_guidance",
+    "noise_weight",
+    "saliency",
+]

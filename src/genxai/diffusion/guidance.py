@@ -1,0 +1,312 @@
+"""From the discriminator's explanation to the diffusion model: saliency, noise weights, guidance.
+
+    S = saliency(d, x0_hat, t)                       # (N, 1, H, W): where D sees "fake"
+    w = noise_weight(S, gamma=1.0)                   # Process2: eps' = w * eps, mean(w^2) = 1
+    guide = discriminator_guidance(d, schedule=schedule, weight=1.0)   # a sampler's ``guidance``
+
+* :func:`saliency`: ``|d fake_score / d x0_hat|`` with ``fake_score = -logit``, max of abs over
+  channels (Simonyan et al.); any registered attribution method may replace the gradient.
+* :func:`noise_weight`: ``s = S / mean(S)``, ``w = 1 + gamma (s - 1)``, Gaussian blur, then
+  ``w = clamp(c * w, w_min, w_max)`` with the per-image scalar c making ``mean(w^2) = 1`` (the
+  noise energy of Process1). ``mean(clamp(c w)^2)`` grows with c, so batched bisection on log c
+  brackets it; one exact step on the final clamped/unclamped split then solves the quadratic.
+  ``gamma = 0`` gives exactly ``w = 1``: Process2 becomes Process1.
+* :func:`anneal_weight`: ``w -> 1`` as ``t -> T`` (so q(x_T | x0) stays N(0, I)); an option. The
+  default keeps sampling isotropic: the model also learns from Process1 throughout.
+* :func:`discriminator_guidance`: Kim et al. (2023), ``eps - sqrt(1 - abar_t) w grad log(D/(1-D))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genxai.attribution import Saliency, get, reduce_channels
+from genxai.core.checks import check_choice, check_in_range, check_positive_int
+from genxai.core.engine import forward_backward
+from genxai.core.hooks import get_module
+from genxai.core.targets import DiscriminatorScore, Fake
+from genxai.diffusion.schedule import NoiseSchedule
+
+
+class _TimeBatchMismatch(Exception):
+    """A method fed the time-bound discriminator rows that cannot be matched to their timesteps."""
+
+
+class TimeConditioned(nn.Module):
+    """A time-aware discriminator with its timesteps bound: ``forward(x) = d(x, t)``.
+
+    Attribution methods call one-input models; this wrapper adds nothing to ``d`` and holds no
+    state beyond ``t`` (N,) (a single timestep serves any batch size).
+    """
+
+    def __init__(self, discriminator: nn.Module, t: torch.Tensor) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        if t.shape[0] != x.shape[0]:
+            if t.shape[0] != 1:
+                raise _TimeBatchMismatch
+            t = t.expand(x.shape[0])
+        return self.discriminator(x, t)
+
+
+def _is_time_aware(discriminator: nn.Module) -> bool:
+    return bool(getattr(discriminator, "time_aware", False))
+
+
+def _as_timesteps(t: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t)
+    t = t.to(device)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,) or t.is_floating_point():
+        raise ValueError(f"t: expected ({n},) integer timesteps or an int, got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def _bound(discriminator: nn.Module, t: torch.Tensor | int | None, n: int, device: torch.device) -> nn.Module:
+    """``discriminator`` itself, or with ``t`` bound when it is time-aware."""
+    if not _is_time_aware(discriminator):
+        return discriminator
+    if t is None:
+        raise ValueError("t: the discriminator is time-aware; pass the timesteps of x0_hat")
+    return TimeConditioned(discriminator, _as_timesteps(t, n, device))
+
+
+def _check_batch(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a floating-point (N, C, H, W) batch, got {got}")
+
+
+# -- saliency ---------------------------------------------------------------------------------------
+def saliency(
+    discriminator: nn.Module,
+    x0_hat: torch.Tensor,
+    t: torch.Tensor | int | None = None,
+    method: str = "saliency",
+    *,
+    reduce: str = "max_abs",
+    **method_kwargs,
+) -> torch.Tensor:
+    """Where D sees "fake" in ``x0_hat``: a non-negative (N, 1, H, W) float32 map.
+
+    Args:
+        discriminator: D, (N, C, H, W) -> (N, 1) logits (real high); time-aware D get ``t``.
+        x0_hat: the denoised estimates (any graph they carry is not followed).
+        t: their timesteps (N,) or an int; used only by a time-aware D.
+        method: a registered attribution method (``genxai.attribution.names()``): the plain
+            gradient by default (one forward/backward), ``"smoothgrad"``, ``"gradcam"`` (pass
+            ``layer=``, e.g. ``d.cam_layer``), ``"integratedgradients"``, ``"lrp"``, ...
+        reduce: how multi-channel maps become one (``genxai.attribution.reduce_channels``);
+            single-channel maps are reduced the same way (max_abs: their absolute value).
+        method_kwargs: options of the method (``layer``, ``samples``, ``autocast``, ...).
+
+    D is left as it was: no hooks stay, no ``.grad`` is accumulated, its mode is not changed.
+    """
+    _check_batch(x0_hat, "x0_hat")
+    cls = get(method)
+    model = _bound(discriminator, t, x0_hat.shape[0], x0_hat.device)
+    if cls is Saliency and set(method_kwargs) <= {"autocast"}:
+        grad = forward_backward(model, x0_hat, Fake(), autocast=method_kwargs.get("autocast")).input_grad
+        return reduce_channels(grad.float(), reduce)
+    if isinstance(method_kwargs.get("layer"), str):
+        method_kwargs["layer"] = get_module(discriminator, method_kwargs["layer"])
+    try:
+        maps = cls(model, **method_kwargs)(x0_hat, target=Fake())
+    except _TimeBatchMismatch:
+        # The method evaluates copies of the images in its own batches: explain one timestep at a time.
+        maps = None
+        for value in torch.unique(model.t):
+            rows = (model.t == value).nonzero()[:, 0]
+            part = cls(TimeConditioned(discriminator, value.view(1)), **method_kwargs)(
+                x0_hat[rows], target=Fake()
+            )
+            if maps is None:
+                maps = part.new_zeros(x0_hat.shape[0], *part.shape[1:])
+            maps[rows] = part
+    return reduce_channels(maps.float(), reduce)
+
+
+# -- noise weights ----------------------------------------------------------------------------------
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W) maps (reflect padding, radius ceil(3 sigma))."""
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    radius = min(math.ceil(3 * sigma), h - 1, w - 1)
+    if radius < 1:
+        return x
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def fit_energy(
+    w: torch.Tensor, w_min: float = 0.5, w_max: float = 2.0, bisection_steps: int = 30
+) -> torch.Tensor:
+    """``clamp(c * w, w_min, w_max)`` with the per-image c that makes ``mean(w^2) = 1``.
+
+    Needs ``w_min <= 1 <= w_max`` (then a solution exists whenever enough of the image has
+    ``w > 0``; otherwise the largest reachable energy is used).
+    """
+    n = w.shape[0]
+    flat = w.flatten(1).float()
+    if w_min == w_max:
+        return torch.ones_like(w, dtype=torch.float32)
+    w_top = flat.amax(dim=1)
+    positive = torch.where(flat > 0, flat, torch.full_like(flat, math.inf)).amin(dim=1)
+    # log c in [lo, hi]: at lo every value is clamped to (at most) w_min, at hi every positive one to w_max.
+    lo = torch.log(max(w_min, 1e-6) / w_top.clamp_min(1e-30))
+    hi = torch.log(w_max / positive.clamp(1e-30, 1e30))
+
+    def energy(log_c: torch.Tensor) -> torch.Tensor:
+        return (log_c.exp()[:, None] * flat).clamp(w_min, w_max).square().mean(dim=1)
+
+    for _ in range(bisection_steps):
+        mid = (lo + hi) / 2
+        below = energy(mid) < 1
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    c = hi.exp()[:, None]
+    # Exact step: with the split into clamped-low / free / clamped-high fixed, mean(w^2) = 1 is
+    # c^2 * sum_free w^2 = M - n_low w_min^2 - n_high w_max^2.
+    scaled = c * flat
+    low, high = scaled <= w_min, scaled >= w_max
+    free = ~(low | high)
+    m = flat.shape[1]
+    rest = m - low.sum(1) * w_min**2 - high.sum(1) * w_max**2
+    free_energy = (flat.square() * free).sum(1)
+    exact = (rest.clamp_min(0) / free_energy.clamp_min(1e-30)).sqrt()[:, None]
+    c = torch.where((free_energy > 0)[:, None] & (rest > 0)[:, None], exact, c)
+    out = (c * flat).clamp(w_min, w_max)
+    out = torch.where((w_top > 0)[:, None], out, torch.ones_like(out))
+    return out.view(n, *w.shape[1:])
+
+
+def _check_range(w_min: float, w_max: float) -> None:
+    check_in_range(w_min, "w_min", 0.0, 1.0)
+    check_in_range(w_max, "w_max", 1.0, math.inf)
+
+
+def noise_weight(
+    S: torch.Tensor,
+    gamma: float = 1.0,
+    blur_sigma: float = 1.0,
+    w_min: float = 0.5,
+    w_max: float = 2.0,
+    bisection_steps: int = 30,
+) -> torch.Tensor:
+    """Process2's elementwise noise weight w (N, 1, H, W) from saliency maps ``S`` (N, 1, H, W).
+
+    ``s = S / mean(S)`` per image (a flat or all-zero map gives s = 1); ``w = 1 + gamma (s - 1)``;
+    Gaussian blur with ``blur_sigma`` pixels (0: none); then ``clamp(c w, w_min, w_max)`` with
+    ``mean(w^2) = 1`` per image. ``gamma = 0`` returns exactly ones.
+    """
+    if not isinstance(S, torch.Tensor) or S.ndim != 4 or S.shape[1] != 1:
+        got = tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__
+        raise ValueError(f"S: expected saliency maps of shape (N, 1, H, W), got {got}")
+    check_in_range(gamma, "gamma", 0.0, math.inf)
+    check_in_range(blur_sigma, "blur_sigma", 0.0, math.inf)
+    _check_range(w_min, w_max)
+    check_positive_int(bisection_steps, "bisection_steps")
+    if gamma == 0:
+        return torch.ones_like(S, dtype=torch.float32)
+    S = S.float()
+    mean = S.mean(dim=(2, 3), keepdim=True)
+    s = torch.where(mean > 0, S / mean.clamp_min(1e-30), torch.ones_like(S))
+    w = gaussian_blur(1 + gamma * (s - 1), blur_sigma)
+    return fit_energy(w, w_min, w_max, bisection_steps)
+
+
+def anneal_weight(
+    w: torch.Tensor,
+    t: torch.Tensor,
+    num_timesteps: int,
+    *,
+    w_min: float = 0.5,
+    w_max: float = 2.0,
+    bisection_steps: int = 30,
+) -> torch.Tensor:
+    """``w`` faded towards 1 as t -> T: ``1 + a (w - 1)``, ``a = (T - 1 - t) / (T - 1)``, energy refitted.
+
+    At ``t = T - 1`` the weight is exactly 1, so q(x_T | x0) is the isotropic prior sampling
+    starts from.
+    """
+    _check_range(w_min, w_max)
+    t = _as_timesteps(t, w.shape[0], w.device)
+    a = ((num_timesteps - 1 - t).float() / (num_timesteps - 1)).clamp(0, 1).view(-1, *[1] * (w.ndim - 1))
+    return fit_energy(1 + a * (w.float() - 1), w_min, w_max, bisection_steps)
+
+
+# -- discriminator guidance -------------------------------------------------------------------------
+class DiscriminatorGuidance:
+    """A sampler ``guidance(x_t, t, eps) -> eps`` hook: Discriminator Guidance (Kim et al., 2023).
+
+    ``eps - sqrt(1 - abar_t) * weight * grad_x log(D / (1 - D))``; with D = sigmoid(logit),
+    ``log(D / (1 - D))`` is the logit. ``on="x_t"`` (the paper): D reads the noisy sample with its
+    t (train D on noised real/fake pairs). ``on="x0_hat"``: D reads the denoised estimate, as
+    XAI-guided training's D does; the gradient reaches x_t through ``x0_hat = (x_t - sqrt(1 - abar)
+    eps) / sqrt(abar)`` with eps held fixed (a factor ``1 / sqrt(abar_t)``).
+    """
+
+    def __init__(
+        self, discriminator: nn.Module, schedule: NoiseSchedule, weight: float = 1.0, *, on: str = "x_t"
+    ):
+        if not isinstance(discriminator, nn.Module):
+            raise TypeError(f"discriminator: expected an nn.Module, got {type(discriminator).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
+        self.discriminator = discriminator
+        self.schedule = schedule
+        self.weight = check_in_range(weight, "weight", -math.inf, math.inf)
+        self.on = check_choice(on, "on", ("x_t", "x0_hat"))
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.weight == 0:
+            return eps
+        _check_batch(x_t, "x_t")
+        t = _as_timesteps(t, x_t.shape[0], x_t.device)
+        model = _bound(self.discriminator, t, x_t.shape[0], x_t.device)
+        scale = self.schedule.gather("sqrt_one_minus_alphas_cumprod", t) * self.weight
+        if self.on == "x_t":
+            x = x_t
+        else:
+            x = self.schedule.predict_x0(x_t, t, eps)
+            scale = scale / self.schedule.gather("sqrt_alphas_cumprod", t)
+        grad = forward_backward(model, x, DiscriminatorScore()).input_grad
+        return eps - scale * grad.to(eps.dtype)
+
+
+def discriminator_guidance(
+    discriminator: nn.Module,
+    x_t: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
+    schedule: NoiseSchedule | None = None,
+    weight: float = 1.0,
+    *,
+    on: str = "x_t",
+):
+    """The corrected eps for ``(x_t, t, eps)``; without ``x_t``, the :class:`DiscriminatorGuidance`
+    hook to pass as a sampler's ``guidance``. ``weight = 0`` returns eps unchanged."""
+    if schedule is None:
+        raise ValueError("schedule: discriminator guidance needs the NoiseSchedule (for sqrt(1 - abar_t))")
+    guide = DiscriminatorGuidance(discriminator, schedule, weight, on=on)
+    if x_t is None:
+        return guide
+    if t is None or eps is None:
+        raise ValueError("t, eps: pass both with x_t (or none of the three to get the guidance hook)")
+    return guide(x_t, t, eps)
