@@ -6,6 +6,7 @@
 from genxai.attribution.base import METHODS, Attribution, LayerAttribution, normalize_maps, reduce_channels
 from genxai.attribution.cam import CAM, BaseCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from genxai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
+from genxai.attribution.lrp import LRP, RelevanceCAM
 from genxai.attribution.perturbation import RISE, Occlusion
 from genxai.attribution.surrogate import LIME, KernelSHAP, SurrogateFit, weighted_least_squares
 from genxai.attribution.visualization import ClassModelVisualization
@@ -24,6 +25,7 @@ def names() -> list[str]:
 __all__ = [
     "CAM",
     "LIME",
+    "LRP",
     "RISE",
     "Attribution",
     "BaseCAM",
@@ -36,6 +38,7 @@ __all__ = [
     "LayerAttribution",
     "LayerCAM",
     "Occlusion",
+    "RelevanceCAM",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",
