@@ -89,11 +89,11 @@ def build_cases(model, x, labels, layer, args) -> list[Case]:
     target = ClassLogit(labels)
     cases: list[Case] = []
 
-    def ours(name, **kwargs):
+    def ours(name, call=None, **kwargs):
         if name not in A.METHODS:
             return None
         method = A.get(name)(model, **kwargs)
-        return lambda: method(x, target=target)
+        return lambda: method(x, target=target, **(call or {}))
 
     try:
         import captum.attr as captum
@@ -212,7 +212,7 @@ def build_cases(model, x, labels, layer, args) -> list[Case]:
         cases.append(
             Case(
                 f"{name} {args.samples} samples",
-                ours(name, samples=args.samples, segmentation=segments, batch_size=args.internal_batch),
+                ours(name, {"segmentation": segments}, samples=args.samples, batch_size=args.internal_batch),
                 "captum",
                 captum
                 and (
