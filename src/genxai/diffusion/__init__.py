@@ -9,6 +9,7 @@ from genxai.diffusion.guidance import (
     noise_weight,
     saliency,
 )
+from genxai.diffusion.sampling import SaliencyConditioned, ddim_sample, ddpm_sample
 from genxai.diffusion.schedule import NoiseSchedule
 from genxai.diffusion.unet import UNet
 
@@ -18,9 +19,12 @@ __all__ = [
     "DiscriminatorGuidance",
     "NoiseSchedule",
     "Position",
+    "SaliencyConditioned",
     "UNet",
     "anneal_weight",
     "d_loss",
+    "ddim_sample",
+    "ddpm_sample",
     "discriminator_guidance",
     "noise_weight",
     "saliency",
