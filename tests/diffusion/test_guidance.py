@@ -92,6 +92,7 @@ def test_saliency_with_gradcam_on_a_layer(x, time_aware):
     if not time_aware:
         expected = attribution.get("gradcam")(d, layer=d.cam_layer)(x, target=lambda out: -out[:, 0])
         assert torch.allclose(S, expected, atol=1e-6)
+        assert torch.equal(saliency(d, x, t, "gradcam"), S)  # layer defaults to d.cam_layer
     assert untouched(d)
 
 
@@ -259,3 +260,15 @@ def test_d_loss_decreases_on_toy_data(time_aware, r1):
     assert bool((real_logits > fake_logits.mean()).float().mean() > 0.9)
     with pytest.raises(ValueError, match="fake"):
         d_loss(d, real, fake[:2], t)
+
+
+@pytest.mark.parametrize(
+    "method", [n for n in attribution.names() if n != "cam"]
+)  # CAM needs a GAP + fc head
+def test_saliency_accepts_every_registered_method(method):
+    torch.manual_seed(0)
+    d = Discriminator(8, in_channels=1, base_channels=4, time_aware=True).eval()
+    x, t = torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([3, 700])
+    S = saliency(d, x, t, method)
+    assert S.shape == (2, 1, 8, 8) and S.dtype == torch.float32 and bool((S >= 0).all())
+    assert untouched(d)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genxai.attribution import Saliency, get, reduce_channels
+from genxai.attribution import LayerAttribution, Saliency, get, reduce_channels
 from genxai.core.checks import check_choice, check_in_range, check_positive_int
 from genxai.core.engine import forward_backward
 from genxai.core.hooks import get_module
@@ -105,7 +105,8 @@ def saliency(
         t: their timesteps (N,) or an int; used only by a time-aware D.
         method: a registered attribution method (``genxai.attribution.names()``): the plain
             gradient by default (one forward/backward), ``"smoothgrad"``, ``"gradcam"`` (pass
-            ``layer=``, e.g. ``d.cam_layer``), ``"integratedgradients"``, ``"lrp"``, ...
+            ``layer=``; default ``d.cam_layer`` for our :class:`Discriminator`),
+            ``"integratedgradients"``, ``"lrp"``, ...
         reduce: how multi-channel maps become one (``genxai.attribution.reduce_channels``);
             single-channel maps are reduced the same way (max_abs: their absolute value).
         method_kwargs: options of the method (``layer``, ``samples``, ``autocast``, ...).
@@ -118,8 +119,15 @@ def saliency(
     if cls is Saliency and set(method_kwargs) <= {"autocast"}:
         grad = forward_backward(model, x0_hat, Fake(), autocast=method_kwargs.get("autocast")).input_grad
         return reduce_channels(grad.float(), reduce)
-    if isinstance(method_kwargs.get("layer"), str):
-        method_kwargs["layer"] = get_module(discriminator, method_kwargs["layer"])
+    if (
+        issubclass(cls, LayerAttribution)
+        and "layer" not in method_kwargs
+        and hasattr(discriminator, "cam_layer")
+    ):
+        method_kwargs["layer"] = discriminator.cam_layer
+    for key in ("layer", "fc"):  # names refer to D's modules, also when D is wrapped with its t
+        if isinstance(method_kwargs.get(key), str):
+            method_kwargs[key] = get_module(discriminator, method_kwargs[key])
     try:
         maps = cls(model, **method_kwargs)(x0_hat, target=Fake())
     except _TimeBatchMismatch:
