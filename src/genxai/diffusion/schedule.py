@@ -83,10 +83,9 @@ class NoiseSchedule:
     # -- bookkeeping -----------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """Move every table to ``device`` (in place; returns self)."""
-        device = torch.device(device)
         for name in self._names:
             setattr(self, name, getattr(self, name).to(device))
-        self.device = device
+        self.device = self.betas.device  # with its index ("cuda" -> cuda:0), to compare with t.device
         return self
 
     def config(self) -> dict:
