@@ -1,1 +1,131 @@
-"""Commands: explain, report, demo."""
+"""Commands: explain, report, demo.
+
+User errors (unknown method, model or layer; missing or empty image folder) print one line
+``error: ...`` and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from genxai.cli.app import app
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def explain(
+    images: Annotated[Path, typer.Option("--images", "-i", help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/explain"),
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="torchvision model name or genxai checkpoint folder.")
+    ] = "resnet18",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Attribution method, repeat for several; 'all' for every registered one [default: gradcam].",
+        ),
+    ] = None,
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Layer of the CAM-style methods (default: last conv block).")
+    ] = None,
+    target: Annotated[
+        int | None, typer.Option("--target", help="Class to explain (default: each image's prediction).")
+    ] = None,
+    size: Annotated[
+        int, typer.Option("--size", help="Images are center-cropped and resized to SIZE x SIZE.")
+    ] = 224,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Local weights file of a torchvision model.")
+    ] = None,
+    classes: Annotated[
+        int, typer.Option("--classes", help="Number of classes of a torchvision model.")
+    ] = 1000,
+    metrics: Annotated[
+        bool, typer.Option("--metrics/--no-metrics", help="Compute faithfulness metrics.")
+    ] = True,
+    curve_steps: Annotated[
+        int, typer.Option("--curve-steps", help="Steps of the deletion/insertion curves.")
+    ] = 32,
+    cmap: Annotated[
+        str, typer.Option("--cmap", help="Colormap of the overlays (jet, inferno, ...).")
+    ] = "jet",
+) -> None:
+    """Explain a classifier's decisions on a folder of images: overlays, raw maps, metrics, report."""
+    from genxai.jobs.explain import ExplainConfig, run_explain
+
+    cfg = ExplainConfig(
+        model=model,
+        weights=str(weights) if weights else None,
+        classes=classes,
+        images=str(images),
+        out=str(out),
+        methods=list(method or ["gradcam"]),
+        layer=layer,
+        target=target,
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        metrics=metrics,
+        curve_steps=curve_steps,
+        cmap=cmap,
+    )
+    try:
+        run_dir = run_explain(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        typer.echo(f"wrote {run_dir}/ (overlays/, maps/, metrics.json, metrics.csv, report.html)")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Folder of an explain or demo run.")],
+    embed: Annotated[
+        bool, typer.Option("--embed/--link", help="Inline the images (one portable file).")
+    ] = False,
+    max_images: Annotated[int, typer.Option("--max-images", help="Rows of the image grid.")] = 24,
+) -> None:
+    """Build RUN_DIR/report.html: the image x method grid, the metric table and the run config."""
+    from genxai.jobs.explain import explain_sections
+    from genxai.report.html import build_report
+
+    try:
+        path = build_report(run_dir, explain_sections(run_dir, max_images=max_images), embed=embed)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/demo"),
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 48,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 4,
+    images: Annotated[int, typer.Option("--images", help="Held-out images to explain.")] = 12,
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="Methods to run [default: all registered].")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Train a small CNN on the bundled shapes and explain it with every method (a few CPU minutes)."""
+    from genxai.jobs.demo import run_demo
+
+    try:
+        path = run_demo(
+            out, size=size, epochs=epochs, explain_images=images, methods=method or ["all"], device=device
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,586 @@
+"""The explanation job: run attribution methods over images, write overlays, raw maps and metrics.
+
+    run_explain(ExplainConfig(model="resnet18", images="photos/", methods=["gradcam", "rise"], out="runs/x"))
+
+A run folder holds, per image ``ID`` (its path under the image folder, ``/`` as ``__``):
+
+* ``images/ID.png``: the input as the model saw it (resized, cropped);
+* ``overlays/METHOD/ID.png``: the map over the image (class model images as they are);
+* ``maps/ID.safetensors``: every method's raw output for the image, one tensor per method;
+
+and for the whole run ``config.json``, ``metrics.json`` (per-image values, means, skipped methods),
+``metrics.csv`` (one row per method), ``metrics_per_image.csv`` and ``report.html``.
+
+Under ``accelerate launch`` every process explains its shard of the images (outputs are per image,
+so processes never write the same file) and the main process merges the per-process metric files.
+Methods are looked up in the registry at run time; ``"all"`` means every registered method, and
+then a method that cannot explain this model (say CAM without a linear head) is skipped and
+listed, instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from genxai import attribution, evaluation
+from genxai.attribution.base import Attribution, LayerAttribution
+from genxai.config import config_to_dict
+from genxai.core.checks import check_positive_int
+from genxai.core.engine import model_output
+from genxai.core.hooks import get_module
+from genxai.core.targets import ClassLogit
+from genxai.data.folders import IMAGE_EXTENSIONS, load_image
+from genxai.models.classifier import default_layer, load_model
+from genxai.report.figures import as_heatmap, overlay, save_png, to_rgb, upscale
+from genxai.report.html import Grid, Section, Table, build_report
+
+IMAGE_METHODS = frozenset({"classmodel"})
+"""Methods whose output is an image to look at (not a map of the input): shown, not scored."""
+
+METRICS = (
+    "average_drop",
+    "increase_in_confidence",
+    "win_percent",
+    "deletion_auc",
+    "insertion_auc",
+    "pointing_game",
+    "localization_energy",
+)
+BETTER = {
+    "average_drop": "lower",
+    "increase_in_confidence": "higher",
+    "win_percent": "higher",
+    "deletion_auc": "lower",
+    "insertion_auc": "higher",
+    "pointing_game": "higher",
+    "localization_energy": "higher",
+}
+
+
+@dataclass
+class ExplainConfig:
+    """Everything a run needs; saved as ``config.json`` in the run folder.
+
+    Args:
+        model: a torchvision model name (``resnet18``) or a genxai checkpoint folder.
+        weights: local weights file for a torchvision model (random weights when None).
+        classes: number of classes of a torchvision model.
+        images: folder of images (searched recursively).
+        out: run folder.
+        methods: registered method names, or ``["all"]``.
+        layer: layer of the layer methods (CAM family, Relevance-CAM); None picks the model's last
+            convolutional block.
+        target: class to explain; None explains each image's predicted class.
+        size: images are center-cropped and resized to ``size`` x ``size``.
+        batch_size: images per batch.
+        device: "auto", "cpu" or "cuda" (under accelerate, each process's own GPU).
+        metrics: compute the faithfulness metrics (several forward passes per image and method).
+        curve_steps: steps of the deletion and insertion curves.
+        cmap: matplotlib colormap of the overlays.
+        png_size: overlays smaller than this are enlarged to it (nearest for the image, bilinear
+            for the map), so small images stay visible.
+        options: per-method constructor options, e.g. ``{"rise": {"masks": 1000}}``.
+    """
+
+    model: str = "resnet18"
+    weights: str | None = None
+    classes: int = 1000
+    images: str = ""
+    out: str = "runs/explain"
+    methods: list[str] = field(default_factory=lambda: ["gradcam"])
+    layer: str | None = None
+    target: int | None = None
+    size: int = 224
+    batch_size: int = 16
+    device: str = "auto"
+    metrics: bool = True
+    curve_steps: int = 32
+    cmap: str = "jet"
+    png_size: int = 128
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def canonical_name(name: str) -> str:
+    """The registered canonical name of a method given by any alias (``Grad-CAM`` -> ``gradcam``)."""
+    cls = attribution.get(name)
+    return next(n for n in attribution.names() if attribution.get(n) is cls)
+
+
+def resolve_methods(names: Sequence[str]) -> list[str]:
+    """Canonical, de-duplicated method names; ``"all"`` expands to every registered method.
+
+    An unknown name raises ValueError listing the known ones.
+    """
+    if isinstance(names, str) or not names:
+        raise ValueError(f"methods: expected a non-empty list of method names, got {names!r}")
+    resolved: list[str] = []
+    for name in names:
+        expanded = attribution.names() if name.lower() == "all" else [canonical_name(name)]
+        resolved.extend(n for n in expanded if n not in resolved)
+    return resolved
+
+
+def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The options some ``__init__`` of ``cls`` (or a base it forwards to) names."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            names.update(inspect.signature(klass.__init__).parameters)
+    return {k: v for k, v in options.items() if k in names}
+
+
+def _model_defaults(cls: type, model: nn.Module) -> dict[str, Any]:
+    """Options a model needs whatever the user asks: LRP rules see BatchNorm merged into the conv."""
+    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_norm and "canonizers" in _accepted(cls, {"canonizers": None}):
+        from genxai.attribution.lrp import MergeBatchNorm
+
+        return {"canonizers": [MergeBatchNorm()]}
+    return {}
+
+
+def build_methods(
+    model: nn.Module,
+    names: Sequence[str],
+    *,
+    layer: str | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    strict: bool = True,
+) -> tuple[dict[str, Attribution], dict[str, str]]:
+    """Construct each named method for ``model``; layer methods get ``layer``.
+
+    ``options[name]`` are constructor options; those a method does not take are left out (so one
+    options table serves every method). With ``strict=False`` a method that cannot be built is
+    returned in the second dict, ``name -> reason``, instead of raising.
+    """
+    options = options or {}
+    methods: dict[str, Attribution] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        cls = attribution.get(name)
+        kwargs = {**_model_defaults(cls, model), **_accepted(cls, dict(options.get(name, {})))}
+        try:
+            if issubclass(cls, LayerAttribution):
+                methods[name] = cls(model, layer=layer or default_layer(model), **kwargs)
+            else:
+                methods[name] = cls(model, **kwargs)
+        except (ValueError, TypeError) as err:
+            if strict:
+                raise
+            skipped[name] = str(err)
+    return methods, skipped
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); clear errors for a missing or empty folder."""
+    root = Path(folder).expanduser()
+    if not str(folder):
+        raise ValueError("images: no image folder given")
+    if not root.exists():
+        raise FileNotFoundError(f"images: no folder at {root}")
+    if not root.is_dir():
+        raise ValueError(f"images: {root} is a file; expected a folder of images")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+    return paths
+
+
+def image_ids(paths: Sequence[Path], root: str | Path) -> list[str]:
+    """File-system-safe ids, unique per image: the path under ``root`` without suffix, ``/`` as ``__``."""
+    stems = [p.relative_to(root).with_suffix("").as_posix().replace("/", "__") for p in paths]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    return [f"{s}_{p.suffix.lstrip('.').lower()}" if s in dupes else s for s, p in zip(stems, paths)]
+
+
+def folder_batches(
+    items: Sequence[tuple[str, Path]], size: int, batch_size: int, channels: int = 3
+) -> Iterator[tuple[list[str], torch.Tensor, None]]:
+    """``(ids, images (B, C, size, size), None)`` batches of image files."""
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        yield [i for i, _ in chunk], torch.stack([load_image(p, size, channels) for _, p in chunk]), None
+
+
+# ----------------------------------------------------------------------------- explaining
+
+
+class Explainer:
+    """Explains batches with several methods, scores the maps and writes the per-image outputs.
+
+    Args:
+        model: a classifier with (N, classes) outputs, in eval mode, on the device of the batches.
+        methods: name -> attribution method (see :func:`build_methods`).
+        out: the run folder.
+        target: class to explain, None for each image's predicted class.
+        metrics: compute faithfulness metrics (and localisation ones when masks are given).
+        strict: raise a method's error; when False the method is dropped and listed in ``skipped``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        methods: dict[str, Attribution],
+        out: str | Path,
+        *,
+        target: int | None = None,
+        metrics: bool = True,
+        curve_steps: int = 32,
+        cmap: str = "jet",
+        png_size: int = 128,
+        strict: bool = True,
+        skipped: dict[str, str] | None = None,
+    ) -> None:
+        self.model, self.methods, self.out = model, dict(methods), Path(out)
+        self.target, self.metrics, self.strict = target, metrics, strict
+        self.curve_steps = check_positive_int(curve_steps, "curve_steps")
+        self.cmap, self.png_size = cmap, png_size
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: the class explained, the predicted class and the explained class's probability."""
+        logits = model_output(self.model, x)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(
+                f"model: the explain job needs a classifier with (N, classes) logits, got {shape}"
+            )
+        predicted = logits.argmax(dim=1)
+        if self.target is not None and not 0 <= self.target < logits.shape[1]:
+            raise ValueError(f"target: class {self.target} out of range [0, {logits.shape[1]})")
+        target = predicted if self.target is None else torch.full_like(predicted, self.target)
+        probability = logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0]
+        return target, predicted, probability
+
+    def explain(
+        self, x: torch.Tensor, target: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Raw maps of every method and its seconds per image; failing methods dropped if not strict."""
+        maps, seconds = {}, {}
+        for name, method in list(self.methods.items()):
+            start = time.perf_counter()
+            try:
+                maps[name] = method(x, target=ClassLogit(target)).detach()
+            except (ValueError, TypeError, RuntimeError) as err:
+                if self.strict:
+                    raise
+                self.skipped[name] = f"{type(err).__name__}: {err}"
+                del self.methods[name]
+                continue
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            seconds[name] = (time.perf_counter() - start) / x.shape[0]
+        return maps, seconds
+
+    def score(
+        self, x: torch.Tensor, heat: dict[str, torch.Tensor], target: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-image metric values of each scored method: ``{method: {metric: (N,)}}``."""
+        values: dict[str, dict[str, torch.Tensor]] = {}
+        steps = self.curve_steps
+        for name, maps in heat.items():
+            v = values[name] = {}
+            v["average_drop"] = evaluation.average_drop(self.model, x, maps, target).per_image
+            v["increase_in_confidence"] = evaluation.increase_in_confidence(
+                self.model, x, maps, target
+            ).per_image
+            v["deletion_auc"] = evaluation.deletion(self.model, x, maps, target, steps=steps).per_image
+            v["insertion_auc"] = evaluation.insertion(self.model, x, maps, target, steps=steps).per_image
+            if masks is not None:
+                v["pointing_game"] = evaluation.pointing_game(maps, masks).per_image
+                v["localization_energy"] = evaluation.localization_energy(maps, masks).per_image
+        # Win%: each method against every other one, averaged over the opponents.
+        names = list(heat)
+        wins = {name: torch.zeros(x.shape[0], device=x.device) for name in names}
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                won = evaluation.win_percent(self.model, x, heat[a], heat[b], target).per_image
+                wins[a] += won
+                wins[b] += 100.0 - won
+        for name in names if len(names) > 1 else []:
+            values[name]["win_percent"] = wins[name] / (len(names) - 1)
+        return values
+
+    def write_images(
+        self, ids: Sequence[str], x: torch.Tensor, maps: dict[str, torch.Tensor], target: torch.Tensor
+    ) -> None:
+        """The input, each method's overlay and the raw maps, one set of files per image."""
+        big = upscale(to_rgb(x.float()), self.png_size).cpu()
+        for name, raw in maps.items():
+            if name in IMAGE_METHODS:
+                pictures = upscale(to_rgb(_minmax_image(raw.float().cpu())), self.png_size)
+            else:
+                pictures = overlay(big, raw.cpu(), cmap=self.cmap)
+            for i, image_id in enumerate(ids):
+                save_png(pictures[i], self.out / "overlays" / name / f"{image_id}.png")
+        (self.out / "maps").mkdir(parents=True, exist_ok=True)
+        for i, image_id in enumerate(ids):
+            save_png(big[i], self.out / "images" / f"{image_id}.png")
+            tensors = {name: raw[i].float().contiguous().cpu() for name, raw in maps.items()}
+            save_file(
+                tensors, str(self.out / "maps" / f"{image_id}.safetensors"), {"target": str(int(target[i]))}
+            )
+
+    def run_batch(
+        self,
+        ids: Sequence[str],
+        x: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> list[dict[str, Any]]:
+        """Explain, score and write one batch; return one row per image and method."""
+        target, predicted, probability = self.targets(x)
+        maps, seconds = self.explain(x, target)
+        heat = {name: as_heatmap(raw) for name, raw in maps.items() if name not in IMAGE_METHODS}
+        values = self.score(x, heat, target, masks) if self.metrics and heat else {}
+        self.write_images(ids, x, maps, target)
+        rows = []
+        for i, image_id in enumerate(ids):
+            for name in maps:
+                row: dict[str, Any] = {
+                    "image": image_id,
+                    "method": name,
+                    "target": int(target[i]),
+                    "predicted": int(predicted[i]),
+                    "probability": float(probability[i]),
+                    "seconds": seconds[name],
+                }
+                if labels is not None:
+                    row["label"] = int(labels[i])
+                row.update({metric: float(v[i]) for metric, v in values.get(name, {}).items()})
+                rows.append(row)
+        return rows
+
+    def run(
+        self,
+        batches: Iterable[tuple[Sequence[str], torch.Tensor, Any]],
+        *,
+        total: int,
+        device: torch.device,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Every batch of ``(ids, images, masks or None[, labels])``, with a progress bar."""
+        rows: list[dict[str, Any]] = []
+        with tqdm(total=total, unit="img", desc="explain", disable=not progress) as bar:
+            for ids, x, masks, *labels in batches:
+                x = x.to(device)
+                masks = masks.to(device) if masks is not None else None
+                rows += self.run_batch(ids, x, masks, labels[0] if labels else None)
+                bar.update(len(ids))
+        return rows
+
+
+def _minmax_image(images: torch.Tensor) -> torch.Tensor:
+    """Each image scaled to [0, 1] over all its channels, to look at an optimised image."""
+    flat = images.flatten(1)
+    low = flat.amin(1).view(-1, 1, 1, 1)
+    span = (flat.amax(1).view(-1, 1, 1, 1) - low).clamp_min(1e-12)
+    return (images - low) / span
+
+
+# ----------------------------------------------------------------------------- metrics files
+
+
+def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per method: images explained, mean seconds per image and the mean of each metric."""
+    summary = []
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        if not mine:
+            continue
+        record: dict[str, Any] = {"method": name, "images": len(mine)}
+        record["ms_per_image"] = 1000.0 * sum(r["seconds"] for r in mine) / len(mine)
+        for metric in METRICS:
+            values = [r[metric] for r in mine if r.get(metric) is not None and not math.isnan(r[metric])]
+            if values:
+                record[metric] = sum(values) / len(values)
+        summary.append(record)
+    return summary
+
+
+def _write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def write_metrics(
+    out: str | Path, rows: Sequence[dict[str, Any]], methods: Sequence[str], skipped: dict[str, str]
+) -> dict[str, Any]:
+    """``metrics.json`` (summary, per-image rows, skipped methods), ``metrics.csv`` and
+    ``metrics_per_image.csv`` in ``out``; returns the JSON content."""
+    out = Path(out)
+    summary = summarize(rows, methods)
+    content = {
+        "methods": [r["method"] for r in summary],
+        "better": {m: BETTER[m] for m in METRICS if any(m in r for r in summary)},
+        "summary": summary,
+        "skipped": skipped,
+        "per_image": list(rows),
+    }
+    (out / "metrics.json").write_text(json.dumps(content, indent=1))
+    _write_csv(out / "metrics.csv", summary)
+    _write_csv(out / "metrics_per_image.csv", rows)
+    return content
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _device(name: str, state: Any) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA GPU is available (use --device cpu)")
+    return state.device
+
+
+def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
+    """Run the job described by ``cfg``; returns the run folder.
+
+    Inputs are checked before any work (unknown method, missing or empty image folder, unknown
+    model or layer: ValueError / FileNotFoundError with the reason). Under ``accelerate launch``
+    each process explains its share of the images; the main process merges the metrics and
+    writes the report.
+    """
+    from accelerate import PartialState
+
+    names = resolve_methods(cfg.methods)
+    check_positive_int(cfg.size, "size", minimum=8)
+    check_positive_int(cfg.batch_size, "batch_size")
+    paths = list_images(cfg.images)
+    items = list(zip(image_ids(paths, Path(cfg.images).expanduser()), paths))
+    state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+    device = _device(cfg.device, state)
+    model = load_model(cfg.model, cfg.weights, classes=cfg.classes).to(device).eval()
+    layer = cfg.layer
+    if any(issubclass(attribution.get(n), LayerAttribution) for n in names):
+        layer = layer or default_layer(model)
+        get_module(model, layer)
+    strict = not any(n.lower() == "all" for n in cfg.methods)
+    methods, skipped = build_methods(model, names, layer=layer, options=cfg.options, strict=strict)
+    out = Path(cfg.out)
+    parts = out / "parts"
+    if state.is_main_process:
+        parts.mkdir(parents=True, exist_ok=True)
+        for old in parts.glob("rank-*.json"):
+            old.unlink()
+        record = {**config_to_dict(cfg), "layer": layer, "methods": names, "processes": state.num_processes}
+        (out / "config.json").write_text(json.dumps(record, indent=2))
+    state.wait_for_everyone()
+
+    explainer = Explainer(
+        model,
+        methods,
+        out,
+        target=cfg.target,
+        metrics=cfg.metrics,
+        curve_steps=cfg.curve_steps,
+        cmap=cfg.cmap,
+        png_size=cfg.png_size,
+        strict=strict,
+        skipped=skipped,
+    )
+    with state.split_between_processes(items) as shard:
+        batches = folder_batches(shard, cfg.size, cfg.batch_size, _channels(model))
+        rows = explainer.run(
+            batches, total=len(shard), device=device, progress=progress and state.is_main_process
+        )
+    part = {"rows": rows, "skipped": explainer.skipped}
+    (parts / f"rank-{state.process_index}.json").write_text(json.dumps(part))
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        rows, skipped = [], {}
+        for file in sorted(parts.glob("rank-*.json")):
+            content = json.loads(file.read_text())
+            rows += content["rows"]
+            skipped.update(content["skipped"])
+        write_metrics(out, rows, [n for n in names if n not in skipped], skipped)
+        build_report(out, explain_sections(out))
+    state.wait_for_everyone()
+    return out
+
+
+def _channels(model: nn.Module) -> int:
+    """Input channels of the model's first convolution (3 when there is none)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def explain_sections(run_dir: str | Path, *, max_images: int = 24) -> list[Section]:
+    """Report sections of an explanation run: overview, the image x method grid, metrics, config."""
+    run_dir = Path(run_dir)
+    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(
+            f"run_dir: {run_dir} has no metrics.json; is it the folder of an explain run?"
+        )
+    metrics = json.loads(metrics_file.read_text())
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    methods = metrics["methods"]
+    images = sorted({r["image"] for r in metrics["per_image"]})
+    shown = images[:max_images]
+    rows_by_image = {r["image"]: r for r in metrics["per_image"]}
+
+    def label(image_id: str) -> str:
+        row = rows_by_image[image_id]
+        text = f"{image_id}\nclass {row['target']} (p={row['probability']:.2f})"
+        return text + (f", label {row['label']}" if "label" in row else "")
+
+    overview = [
+        f"Model: {config.get('model', '?')}; layer of the layer methods: {config.get('layer') or '-'}.",
+        f"{len(images)} images, {len(methods)} methods: {', '.join(methods)}."
+        + (f" Showing the first {len(shown)} images." if len(shown) < len(images) else ""),
+        "Maps are min-max scaled per image (several channels reduced by their largest magnitude).",
+    ]
+    for name, reason in metrics.get("skipped", {}).items():
+        overview.append(f"Skipped {name}: {reason}")
+    sections = [Section("Overview", text="\n".join(overview))]
+    cells = [[f"images/{i}.png", *[f"overlays/{m}/{i}.png" for m in methods]] for i in shown]
+    sections.append(
+        Section(
+            "Explanations",
+            grid=Grid(columns=["input", *methods], rows=[label(i) for i in shown], cells=cells),
+        )
+    )
+    if metrics["summary"]:
+        better = metrics.get("better", {})
+        records = [
+            {(f"{k} ({'↓' if better[k] == 'lower' else '↑'})" if k in better else k): v for k, v in r.items()}
+            for r in metrics["summary"]
+        ]
+        text = (
+            "Means over images. Average Drop and Increase in Confidence (Grad-CAM++) score x * map; "
+            "Win% is the share of images and other methods whose masked image keeps less of the score; "
+            "deletion and insertion are the areas under RISE's curves; the pointing game and energy use "
+            "the object masks. Arrows say which direction is better."
+        )
+        sections.append(Section("Metrics", text=text, table=Table.from_records(records)))
+    if config:
+        sections.append(Section("Run config", config=config))
+    return sections

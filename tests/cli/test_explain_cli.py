@@ -1,0 +1,186 @@
+"""``genxai explain`` / ``report`` end to end on a folder of shapes PNGs and a tiny checkpoint,
+bad input, and two processes under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from genxai.attribution import cam  # noqa: F401  (registers the CAM family)
+from genxai.cli import app
+from genxai.data.shapes import generate_shapes
+from genxai.models import SmallResNet, save_classifier
+from genxai.report.figures import save_png
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """4 shapes PNGs (two in a subfolder) at 32 px and a random tiny SmallResNet checkpoint."""
+    root = tmp_path_factory.mktemp("explain")
+    images, _, _ = generate_shapes(4, 32, seed=5)
+    for i, image in enumerate(images):
+        save_png(image, root / "images" / ("sub" if i >= 2 else "") / f"shape{i}.png")
+    torch.manual_seed(0)
+    save_classifier(SmallResNet(classes=6, width=4).eval(), root / "ckpt")
+    return root
+
+
+def explain(workspace, out, *args):
+    base = ["explain", "--model", str(workspace / "ckpt"), "--images", str(workspace / "images")]
+    return runner.invoke(app, [*base, "--out", str(out), "--size", "32", "--device", "cpu", *args])
+
+
+def test_explain_writes_overlays_maps_metrics_and_report(workspace, tmp_path):
+    out = tmp_path / "run"
+    result = explain(
+        workspace,
+        out,
+        "--method",
+        "gradcam",
+        "--method",
+        "saliency",
+        "--batch-size",
+        "3",
+        "--curve-steps",
+        "4",
+    )
+    assert result.exit_code == 0, result.output
+    ids = ["shape0", "shape1", "sub__shape2", "sub__shape3"]
+    for image_id in ids:
+        assert (out / "images" / f"{image_id}.png").is_file()
+        for method in ("gradcam", "saliency"):
+            assert (out / "overlays" / method / f"{image_id}.png").is_file()
+        maps = load_file(str(out / "maps" / f"{image_id}.safetensors"))
+        assert maps["gradcam"].shape == (1, 32, 32) and maps["saliency"].shape == (3, 32, 32)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"] == ["gradcam", "saliency"]
+    assert {r["image"] for r in metrics["per_image"]} == set(ids)
+    for record in metrics["summary"]:
+        assert record["images"] == 4
+        for key in ("average_drop", "increase_in_confidence", "win_percent", "deletion_auc", "insertion_auc"):
+            assert key in record
+    win = {r["method"]: r["win_percent"] for r in metrics["summary"]}
+    assert win["gradcam"] + win["saliency"] == pytest.approx(100.0)
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("method,images,ms_per_image,average_drop")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer"] == "layer3" and config["processes"] == 1
+    page = (out / "report.html").read_text()
+    assert 'src="overlays/gradcam/sub__shape3.png"' in page
+
+    result = runner.invoke(app, ["report", str(out), "--embed"])
+    assert result.exit_code == 0, result.output
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_explain_target_layer_and_no_metrics(workspace, tmp_path):
+    out = tmp_path / "run"
+    result = explain(
+        workspace, out, "--method", "Grad-CAM", "--layer", "layer2", "--target", "4", "--no-metrics"
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "metrics.json").read_text())["per_image"]
+    assert {r["target"] for r in rows} == {4} and "average_drop" not in rows[0]
+    assert json.loads((out / "config.json").read_text())["layer"] == "layer2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "gradcma"], "gradcam"),
+        (["--method", "gradcam", "--layer", "layer9"], "layer1"),
+        (["--target", "17", "--method", "saliency"], "out of range"),
+    ],
+)
+def test_bad_input_is_a_clear_error(workspace, tmp_path, args, message):
+    result = explain(workspace, tmp_path / "run", *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bad_folders_and_models(workspace, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--images", str(tmp_path / "nope")], "no folder"),
+        (["--images", str(tmp_path / "empty")], "no image files"),
+        (["--model", "resnet81", "--images", str(workspace / "images")], "resnet18"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["explain", "--out", str(tmp_path / "run"), *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "metrics.json" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_under_accelerate_launch(workspace, tmp_path):
+    """Two CPU processes, each explaining half of the images; the main one merges the metrics.
+
+    ``accelerate launch --cpu --num_processes 2`` starts a single process unless MPI is set up
+    (accelerate's CPU launcher is mpirun); ``--multi_gpu`` uses torchrun, which starts the two
+    processes, and ``--device cpu`` makes them talk over gloo, with or without GPUs.
+    """
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "genxai.cli",
+        "explain",
+        "--model",
+        str(workspace / "ckpt"),
+        "--images",
+        str(workspace / "images"),
+        "--out",
+        str(out),
+        "--method",
+        "saliency",
+        "--method",
+        "inputxgradient",
+        "--size",
+        "32",
+        "--batch-size",
+        "1",
+        "--curve-steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["rank-0.json", "rank-1.json"]
+    shards = [json.loads((out / "parts" / f"rank-{r}.json").read_text())["rows"] for r in (0, 1)]
+    assert all({row["image"] for row in rows} for rows in shards)  # both processes did work
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["per_image"]) == 4 * 2
+    assert {r["images"] for r in metrics["summary"]} == {4}
+    assert len(list((out / "maps").glob("*.safetensors"))) == 4
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
+    assert (out / "report.html").is_file()
