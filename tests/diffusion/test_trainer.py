@@ -1,0 +1,298 @@
+"""The trainer: typed config, exact resume, SIGTERM save, NaN stop, 2 processes, equal budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from genxai.data import get_dataset
+from genxai.diffusion import checkpoint
+from genxai.diffusion.config import ExperimentConfig, load_experiment
+from genxai.diffusion.trainer import NonFiniteLossError, Trainer, load_run, total_iterations
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "data.image_size=8",
+    "data.limit=64",
+    "model.base_channels=16",
+    "model.channel_mults=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[4]",
+    "model.dropout=0.1",
+    "discriminator.base_channels=8",
+    "cycle.phase_a=2",
+    "cycle.phase_b=2",
+    "cycle.cycles=2",
+    "train.batch_size=8",
+    "train.warmup=3",
+    "train.lr=1e-3",
+    "train.ema_decay=0.9",
+    "train.log_every=2",
+    "train.checkpoint_every=100",
+    "train.progress=false",
+    "eval.num_samples=0",
+]
+
+
+def tiny(tmp_path: Path, *extra: str) -> ExperimentConfig:
+    return load_experiment(ROOT / "configs" / "demo.yaml", [*TINY, f"out_dir={tmp_path}", *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes8():
+    return get_dataset("shapes", size=8, n=64, seed=0)
+
+
+# -- config -----------------------------------------------------------------------------------------
+def test_config_load_override_and_unknown_key(tmp_path):
+    cfg = load_experiment(ROOT / "configs" / "demo.yaml", ["train.batch_size=16", "variant=noise+same"])
+    assert cfg.train.batch_size == 16 and cfg.variant == "noise+same" and cfg.attention_maps == "same"
+    assert cfg.data.name == "shapes" and cfg.model.channel_mults == [1, 2, 2]  # from the YAML
+    with pytest.raises(ValueError, match="batchsize"):
+        load_experiment(ROOT / "configs" / "demo.yaml", ["train.batchsize=16"])
+    with pytest.raises(ValueError, match="variant"):
+        load_experiment(None, ["variant=noise+everything"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_experiment(None, ["train.batch_size"])
+    for name in ("cifar10", "celebahq256"):
+        paper = load_experiment(ROOT / "configs" / f"{name}.yaml")
+        assert paper.schedule.num_timesteps == 1000 and paper.train.ema_decay == 0.9999
+        assert (paper.cycle.phase_a, paper.cycle.phase_b, paper.cycle.cycles) == (20000, 40000, 5)
+    cifar = load_experiment(ROOT / "configs" / "cifar10.yaml")
+    assert (
+        cifar.model.channel_mults == [1, 2, 2, 2]
+        and cifar.model.dropout == 0.1
+        and cifar.train.warmup == 5000
+    )
+
+
+def test_every_variant_gets_the_same_number_of_processes(tmp_path):
+    budgets = set()
+    for variant in ("baseline", "noise", "noise+same", "noise+hierarchical"):
+        cfg = tiny(tmp_path, f"variant={variant}")
+        cycle = cfg.cycle
+        iterations = total_iterations(cfg)
+        processes = (
+            iterations if variant == "baseline" else cycle.cycles * (cycle.phase_a + 2 * cycle.phase_b)
+        )
+        budgets.add(processes)
+    assert budgets == {12}
+
+
+# -- exact resume -----------------------------------------------------------------------------------
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint.latest(run_dir / "checkpoints")
+    tensors = {}
+    for name in ("unet", "ema", "discriminator"):
+        for key, value in checkpoint.read_weights(path, name).items():
+            tensors[f"{name}.{key}"] = value
+    state = checkpoint.read_state(path, "trainer")
+    for key, value in state["optimizer"]["state"].items():
+        for name, tensor in value.items():
+            tensors[f"optim.{key}.{name}"] = tensor
+    tensors["processes"] = torch.tensor(state["processes"])
+    return tensors
+
+
+def test_resume_is_bit_for_bit(tmp_path, shapes8):
+    whole = tiny(tmp_path, "variant=noise+same", "name=whole")
+    summary = Trainer(whole, dataset=shapes8).fit()
+    assert summary["status"] == "finished" and summary["processes"] == 12
+
+    parts = tiny(tmp_path, "variant=noise+same", "name=parts")
+    first = Trainer(parts, dataset=shapes8).fit(until=3)  # stops inside phase B of cycle 0
+    assert first["status"] == "stopped" and first["iteration"] == 3 and first["processes"] == 4
+    resumed = Trainer(parts, dataset=shapes8)
+    assert resumed.resumed_from is not None and resumed.iteration == 3
+    assert resumed.fit()["status"] == "finished"
+
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "parts")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ after resume: {different[:5]}"
+    rows = (tmp_path / "parts" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,processes") and len(rows) > 3
+
+
+def test_resume_refuses_another_experiment(tmp_path, shapes8):
+    Trainer(tiny(tmp_path, "variant=noise", "name=run"), dataset=shapes8).fit(until=1)
+    with pytest.raises(ValueError, match="variant"):
+        Trainer(tiny(tmp_path, "variant=baseline", "name=run"), dataset=shapes8)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(tiny(tmp_path, "variant=noise", "name=run"), dataset=shapes8, resume=False)
+
+
+# -- failures ---------------------------------------------------------------------------------------
+class _Poisoned(Dataset):
+    """The same images with NaN from ``start`` on (a broken sample or an overflow mid-run)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label, _ = self.base[index]
+        return torch.full_like(image, float("nan")), label
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path, shapes8):
+    cfg = tiny(tmp_path, "variant=baseline", "name=nan")
+    Trainer(cfg, dataset=shapes8).fit(until=2)
+    good = checkpoint.latest(tmp_path / "nan" / "checkpoints")
+    before = checkpoint.read_weights(good, "unet")
+    with pytest.raises(NonFiniteLossError, match=r"NaN or infinite at iteration 2.*ckpt-00000002"):
+        Trainer(cfg, dataset=_Poisoned(shapes8)).fit()
+    assert checkpoint.all_checkpoints(tmp_path / "nan" / "checkpoints") == [good]
+    after = checkpoint.read_weights(good, "unet")
+    assert all(torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all() for k in before)
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from genxai.diffusion.config import load_experiment
+    from genxai.diffusion.trainer import Trainer
+    cfg = load_experiment(sys.argv[1], sys.argv[2:])
+    print(json.dumps(Trainer(cfg).fit()), flush=True)
+    """
+)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SIGTERM_SCRIPT)
+    overrides = [*TINY, f"out_dir={tmp_path}", "name=term", "cycle.cycles=1000", "train.log_every=1"]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(ROOT / "configs" / "demo.yaml"), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = tmp_path / "term" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 2):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "interrupted"
+    assert 2 <= summary["iteration"] < 4000
+    last = checkpoint.latest(tmp_path / "term" / "checkpoints")
+    assert checkpoint.checkpoint_step(last) == summary["iteration"]
+    run = load_run(tmp_path / "term")  # the saved run loads for sampling
+    assert run.unet.image_size == 8
+
+
+# -- devices and precision --------------------------------------------------------------------------
+def test_bf16_autocast_trains(tmp_path, shapes8):
+    cfg = tiny(tmp_path, "variant=noise+hierarchical", "name=bf16", "train.mixed_precision=bf16")
+    summary = Trainer(cfg, dataset=shapes8).fit(until=4)
+    assert summary["processes"] == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from genxai.diffusion.config import load_experiment
+    from genxai.diffusion.trainer import Trainer
+    trainer = Trainer(load_experiment(sys.argv[1], sys.argv[2:]))
+    summary = trainer.fit()
+    p = next(trainer.accelerator.unwrap_model(trainer.unet).parameters()).detach().flatten()[:4].tolist()
+    print("RESULT", json.dumps({"rank": trainer.rank, "world": trainer.world, "param": p, **summary}), flush=True)
+    """
+)
+
+
+def test_two_processes_with_accelerate_launch(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    overrides = [
+        *TINY,
+        f"out_dir={tmp_path}",
+        "name=ddp",
+        "variant=noise+same",
+        "cycle.cycles=1",
+        "train.cpu=true",
+    ]
+    launcher = Path(sys.executable).with_name("accelerate")
+    # `--multi_gpu` picks Accelerate's torchrun launcher (its `--cpu` flag starts a single process);
+    # with train.cpu the Trainer joins the processes in a gloo group on the CPU.
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, str(script), str(ROOT / "configs" / "demo.yaml"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
+    assert results[0]["param"] == results[1]["param"]  # gradients were averaged: same weights everywhere
+    assert all(r["processes"] == 6 for r in results)
+    last = checkpoint.latest(tmp_path / "ddp" / "checkpoints")
+    assert (last / "rng-0.json").is_file() and (last / "rng-1.json").is_file()
+
+
+# -- learning ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trained_demo_model_beats_the_untrained_one(tmp_path):
+    """A short demo run lowers the offline FID (shapes-classifier features) of its samples."""
+    cfg = load_experiment(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"out_dir={tmp_path}",
+            "name=learn",
+            "cycle.phase_a=100",
+            "cycle.phase_b=50",
+            "cycle.cycles=1",  # 200 Processes of the baseline at batch 32
+            "train.sample_every=0",
+            "train.eval_every=0",
+            "train.checkpoint_every=1000",
+            "train.progress=false",
+            "eval.num_samples=256",
+            "eval.real_images=1024",
+            "sample.steps=20",
+        ],
+    )
+    trainer = Trainer(cfg)
+    untrained = trainer.evaluate()
+    name = next(iter(untrained))
+    assert name == "FID (offline shapes-classifier features)"
+    summary = trainer.fit()
+    trained = summary["evals"][-1]["metrics"]
+    assert trained[name] < 0.7 * untrained[name], (untrained, trained)
