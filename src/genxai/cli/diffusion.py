@@ -1,1 +1,343 @@
-"""Commands: train, sample, fid, ablate."""
+"""Commands: train, sample, fid, ablate (XAI-guided diffusion).
+
+    genxai train --config configs/demo.yaml variant=noise+same train.batch_size=64
+    genxai sample --run runs/demo --n 64
+    genxai fid --run runs/demo --n 1000
+    genxai ablate --config configs/demo.yaml
+
+Several GPUs or nodes: ``accelerate launch --multi_gpu -m genxai.cli train --config ...``.
+User errors print one line ``error: ...`` and exit with code 2; a NaN loss exits with code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from genxai.cli.app import app
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Dotted key=value overrides of the config, e.g. variant=noise+same train.batch_size=64."
+    ),
+]
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Experiment YAML (configs/demo.yaml, ...).")
+]
+RunOption = Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `genxai train`.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+@app.command()
+def train(config: ConfigOption, overrides: Overrides = None) -> None:
+    """Train one variant of an experiment config (resumes the run folder's newest checkpoint).
+
+    The run folder is out_dir/name. SIGTERM or Ctrl-C saves a checkpoint and stops; run the same
+    command again to continue.
+    """
+    from genxai.diffusion.config import load_experiment
+    from genxai.diffusion.trainer import NonFiniteLossError, Trainer
+
+    try:
+        trainer = Trainer(load_experiment(config, overrides or []))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    try:
+        summary = trainer.fit()
+    except NonFiniteLossError as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1) from None
+    if trainer.is_main:
+        if summary["status"] == "interrupted":
+            typer.echo(f"interrupted: saved {summary['checkpoint']}; run the same command to resume")
+        typer.echo(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
+
+
+@app.command()
+def sample(
+    run: RunOption,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of images [default: the run's sample.num_images].")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per sampling batch.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the starting noise.")] = 0,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="ddpm (all T steps) or ddim.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="DDIM steps.")] = None,
+    eta: Annotated[float | None, typer.Option("--eta", help="DDIM eta (0: deterministic).")] = None,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    guidance: Annotated[
+        float, typer.Option("--guidance", help="Discriminator Guidance weight with the run's D (0: off).")
+    ] = 0.0,
+    saliency_every: Annotated[
+        int | None,
+        typer.Option(
+            "--saliency-every", help="Attention variants: D's saliency map every k steps (0: all-ones)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder [default: RUN/samples-SEED].")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="png (grid + one PNG per image) or safetensors.")
+    ] = "png",
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="A checkpoint folder of the run.")
+    ] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Sample images from a trained run: a PNG grid plus PNGs or one .safetensors tensor.
+
+    EMA weights, isotropic N(0, I) start, generated batch by batch; optional Discriminator
+    Guidance with the run's D and saliency attention maps for the attention variants.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.utils import save_image
+
+    from genxai.diffusion.guidance import DiscriminatorGuidance
+    from genxai.diffusion.trainer import generate, load_run, model_fn_for
+
+    if fmt not in ("png", "safetensors"):
+        raise _fail(ValueError(f"--format: expected png or safetensors, got {fmt!r}"))
+    try:
+        loaded = load_run(run, checkpoint_path=checkpoint, use_ema=ema, device=_device(device))
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    cfg, s = loaded.cfg, loaded.cfg.sample
+    n = n or s.num_images
+    hook = None
+    if guidance:
+        if loaded.discriminator is None:
+            raise _fail(ValueError(f"--guidance: the {cfg.variant} run has no discriminator"))
+        if not cfg.discriminator.time_aware:
+            typer.echo("note: the run's D is not time-aware; guidance uses its judgement of x0_hat", err=True)
+        hook = DiscriminatorGuidance(loaded.discriminator, loaded.schedule, guidance, on="x0_hat")
+    every = cfg.guidance.sample_saliency_every if saliency_every is None else saliency_every
+    t_max = max(1, round(cfg.discriminator.t_max * cfg.schedule.num_timesteps))
+    model_fn = model_fn_for(
+        loaded.unet,
+        loaded.schedule,
+        loaded.discriminator,
+        every=every,
+        method=cfg.guidance.saliency_method,
+        max_t=None if cfg.discriminator.time_aware else t_max - 1,
+    )
+    shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
+    out = out or run / f"samples-{seed}"
+    (out / "images" if fmt == "png" else out).mkdir(parents=True, exist_ok=True)
+    batches = generate(
+        model_fn,
+        loaded.schedule,
+        n,
+        shape,
+        batch_size=batch_size or s.batch_size,
+        sampler=sampler or s.sampler,
+        steps=steps or s.steps,
+        eta=s.eta if eta is None else eta,
+        seed=seed,
+        device=loaded.unet.conv_in.weight.device,
+        guidance=hook,
+        progress=True,
+    )
+    grid, stored, count = [], [], 0
+    for batch in batches:
+        batch = batch.cpu()
+        if sum(len(g) for g in grid) < 64:
+            grid.append(batch[: 64 - sum(len(g) for g in grid)])
+        if fmt == "png":
+            for image in batch:
+                save_image(image, out / "images" / f"{count:06d}.png")
+                count += 1
+        else:
+            stored.append((batch * 255).round().to(torch.uint8))
+            count += len(batch)
+    grid_images = torch.cat(grid)
+    save_image(grid_images, out / "grid.png", nrow=max(1, int(math.sqrt(len(grid_images)) + 0.5)))
+    if fmt == "safetensors":
+        meta = {
+            "run": str(run),
+            "seed": str(seed),
+            "range": "uint8 0..255",
+            "checkpoint": str(loaded.checkpoint),
+        }
+        save_file({"images": torch.cat(stored)}, out / "samples.safetensors", metadata=meta)
+    typer.echo(json.dumps({"out": str(out), "images": count, "checkpoint": str(loaded.checkpoint)}))
+
+
+def _stored_batches(path: Path, batch_size: int, channels: int) -> Iterator:
+    """Images in [0, 1] from a folder of PNGs or a ``samples.safetensors`` file, batch by batch."""
+    import torch
+    from safetensors import safe_open
+
+    from genxai.data import load_image
+
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            images = f.get_slice("images")
+            total = images.get_shape()[0]
+            for start in range(0, total, batch_size):
+                yield images[start : start + batch_size][:, :channels].float() / 255
+        return
+    files = sorted(p for p in path.rglob("*.png") if p.name != "grid.png")
+    if not files:
+        raise FileNotFoundError(f"--samples: no PNG images in {path}")
+    for start in range(0, len(files), batch_size):
+        yield torch.stack([load_image(p, channels=channels) for p in files[start : start + batch_size]])
+
+
+@app.command()
+def fid(
+    run: RunOption,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Generated images [default: eval.num_samples or 1000].")
+    ] = None,
+    samples: Annotated[
+        Path | None,
+        typer.Option("--samples", help="Use stored samples (a folder of PNGs or samples.safetensors)."),
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option("--features", help="auto, inception or classifier [default: the run's].")
+    ] = None,
+    inception: Annotated[
+        Path | None, typer.Option("--inception", help="TorchScript FID Inception file (e.g. default_1.pt).")
+    ] = None,
+    classifier: Annotated[
+        Path | None, typer.Option("--classifier", help="Offline feature classifier file.")
+    ] = None,
+    real_images: Annotated[
+        int | None, typer.Option("--real-images", help="Real images to compare with (0: the whole data set).")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option("--data-root", help="Where the run's data set is now.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per batch.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated images.")] = 0,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="ddpm or ddim.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="DDIM steps.")] = None,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write the result as JSON here.")
+    ] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """FID (and IS where the features allow) of a run's samples against its training data.
+
+    Streamed batch by batch. Offline classifier features are named as such in the result: they
+    rank runs on the same data and are not comparable to published (Inception) FIDs.
+    """
+    from genxai.diffusion.trainer import build_dataset, feature_extractor, generate, image_of, load_run
+    from genxai.evaluation.fid import FID
+
+    dev = _device(device)
+    try:
+        loaded = load_run(run, use_ema=ema, device=dev)
+        cfg = loaded.cfg
+        if features is not None:
+            cfg.eval.features = features
+        if inception is not None:
+            cfg.eval.inception = str(inception)
+        if classifier is not None:
+            cfg.eval.classifier = str(classifier)
+        if data_root is not None:
+            cfg.data.root = str(data_root)
+        dataset = build_dataset(cfg)
+        metric = FID(feature_extractor(cfg, dataset, dev, run), dev)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    import torch
+
+    e, s = cfg.eval, cfg.sample
+    size = batch_size or e.batch_size
+    limit = real_images if real_images is not None else e.real_images
+    count = min(len(dataset), limit) if limit else len(dataset)
+    for start in range(0, count, size):
+        metric.update(
+            torch.stack([image_of(dataset[k]) for k in range(start, min(count, start + size))]), real=True
+        )
+    if samples is not None:
+        fake = _stored_batches(samples, size, cfg.data.channels or 3)
+    else:
+        shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
+        fake = generate(
+            lambda x_t, t: loaded.unet(x_t, t),
+            loaded.schedule,
+            n or e.num_samples or 1000,
+            shape,
+            batch_size=size,
+            sampler=sampler or s.sampler,
+            steps=steps or s.steps,
+            eta=s.eta,
+            seed=seed,
+            device=dev,
+            progress=True,
+        )
+    generated = 0
+    try:
+        for batch in fake:
+            metric.update(batch, real=False)
+            generated += len(batch)
+    except FileNotFoundError as err:
+        raise _fail(err) from None
+    result = {"run": str(run), "real_images": count, "generated_images": generated, **metric.compute()}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def ablate(
+    config: ConfigOption,
+    overrides: Overrides = None,
+    variants: Annotated[
+        str, typer.Option("--variants", help="Comma-separated variants to train.")
+    ] = "baseline,noise,noise+same,noise+hierarchical",
+    min_snr: Annotated[
+        bool, typer.Option("--min-snr/--no-min-snr", help="Add the min-SNR-5 baseline.")
+    ] = True,
+    p2: Annotated[bool, typer.Option("--p2/--no-p2", help="Add the P2-weighting baseline.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Ablation folder [default: out_dir/name].")
+    ] = None,
+) -> None:
+    """Train every variant with the same budget, data and seeds, then compare them.
+
+    Writes results.json, results.csv and figures (FID against Processes and time, sample grids,
+    saliency/noise-weight maps over training, per-level attention maps) into the ablation folder.
+    """
+    from genxai.diffusion.ablation import run_ablation
+    from genxai.diffusion.config import load_experiment
+
+    baselines = [name for name, on in (("min_snr", min_snr), ("p2", p2)) if on]
+    try:
+        cfg = load_experiment(config, overrides or [])
+        names = [v.strip() for v in variants.split(",") if v.strip()]
+        results = run_ablation(cfg, variants=names, baselines=baselines, out_dir=out)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    name = results["fid_name"]
+    typer.echo(f"{'run':<22} {'Processes':>9} {'Processes/s':>11}  {name}")
+    for label, r in results["runs"].items():
+        value = r["final"].get(name)
+        shown = f"{value:.3f}" if value is not None else "-"
+        typer.echo(f"{label:<22} {r['processes']:>9} {r['processes_per_s']:>11.2f}  {shown}")
+    typer.echo(f"results: {(out or cfg.run_dir) / 'results.json'}")

@@ -1,0 +1,145 @@
+"""The diffusion commands end to end: train -> sample -> fid, ablate, and their user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from genxai.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+TINY = [
+    "data.image_size=8",
+    "data.limit=96",
+    "model.base_channels=16",
+    "model.channel_mults=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[4]",
+    "discriminator.base_channels=8",
+    "cycle.phase_a=2",
+    "cycle.phase_b=2",
+    "cycle.cycles=1",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "train.sample_every=2",
+    "train.progress=false",
+    "eval.num_samples=0",
+    "sample.steps=4",
+    "sample.num_images=8",
+]
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _json(output: str) -> dict:
+    """The JSON result line (progress bars on stderr may share the line)."""
+    last = output.strip().splitlines()[-1]
+    return json.loads(last[last.index("{") :])
+
+
+def test_train_sample_fid(tmp_path):
+    out = runner.invoke(
+        app, ["train", "--config", DEMO, *TINY, f"out_dir={tmp_path}", "name=r", "variant=noise+same"]
+    )
+    assert out.exit_code == 0, out.output
+    summary = _json(out.output)
+    assert summary["status"] == "finished" and summary["processes"] == 6
+    run = tmp_path / "r"
+    for name in ("config.yaml", "metrics.csv", "tb", "samples", "snapshots"):
+        assert (run / name).exists(), name
+
+    out = runner.invoke(app, ["sample", "--run", str(run), "--n", "5", "--batch-size", "3", "--seed", "1"])
+    assert out.exit_code == 0, out.output
+    pngs = sorted((run / "samples-1" / "images").glob("*.png"))
+    assert len(pngs) == 5 and (run / "samples-1" / "grid.png").is_file()
+
+    args = [
+        "sample",
+        "--run",
+        str(run),
+        "--n",
+        "4",
+        "--format",
+        "safetensors",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+    ]
+    out = runner.invoke(
+        app, [*args, "--saliency-every", "2", "--guidance", "0.5", "--out", str(tmp_path / "st")]
+    )
+    assert out.exit_code == 0, out.output
+    with safe_open(str(tmp_path / "st" / "samples.safetensors"), framework="pt") as f:
+        images = f.get_tensor("images")
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8
+
+    fid_args = [
+        "fid",
+        "--run",
+        str(run),
+        "--features",
+        "classifier",
+        "--real-images",
+        "64",
+        "--batch-size",
+        "32",
+    ]
+    out = runner.invoke(app, [*fid_args, "--n", "32", "--steps", "3", "--out", str(tmp_path / "fid.json")])
+    assert out.exit_code == 0, out.output
+    result = _json(out.output)
+    name = "FID (offline shapes-classifier features)"
+    assert result[name] > 0 and "IS (offline shapes-classifier)" in result and "FID" not in result
+    assert result["generated_images"] == 32 and json.loads((tmp_path / "fid.json").read_text()) == result
+    assert (run / "fid_classifier.safetensors").is_file()  # trained once, cached in the run
+
+    out = runner.invoke(app, [*fid_args, "--samples", str(run / "samples-1" / "images")])
+    assert out.exit_code == 0, out.output
+    assert _json(out.output)["generated_images"] == 5
+    out = runner.invoke(app, [*fid_args, "--samples", str(tmp_path / "st" / "samples.safetensors")])
+    assert out.exit_code == 0 and _json(out.output)["generated_images"] == 4
+
+
+def test_ablate(tmp_path):
+    args = ["ablate", "--config", DEMO, *TINY, f"out_dir={tmp_path}", "name=abl", "eval.num_samples=16"]
+    out = runner.invoke(app, [*args, "--variants", "baseline,noise+hierarchical", "--no-min-snr"])
+    assert out.exit_code == 0, out.output
+    root = tmp_path / "abl"
+    results = json.loads((root / "results.json").read_text())
+    assert set(results["runs"]) == {"baseline", "noise+hierarchical"}
+    assert results["fid_name"] == "FID (offline shapes-classifier features)"
+    assert all(r["processes"] == 6 and r["final"] for r in results["runs"].values())
+    assert "t_D cutoff" in results["discriminator"]
+    for name in (
+        "fid_vs_processes",
+        "fid_vs_time",
+        "samples",
+        "maps_noise+hierarchical",
+        "attention_noise+hierarchical",
+    ):
+        assert Path(results["figures"][name]).is_file(), name
+    assert (root / "results.csv").read_text().startswith("run,variant,loss_weighting")
+    assert "FID (offline shapes-classifier features)" in out.output
+
+
+def test_user_errors_are_one_line(tmp_path):
+    out = runner.invoke(app, ["train", "--config", DEMO, "train.batchsize=3", f"out_dir={tmp_path}"])
+    assert out.exit_code == 2 and "error:" in out.output and "batchsize" in out.output
+    out = runner.invoke(app, ["sample", "--run", str(tmp_path / "missing")])
+    assert out.exit_code == 2 and "no config.yaml" in out.output
+    out = runner.invoke(app, ["ablate", "--config", DEMO, f"out_dir={tmp_path}", "--variants", "nope"])
+    assert out.exit_code == 2 and "unknown variant" in out.output
