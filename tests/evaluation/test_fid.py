@@ -21,6 +21,15 @@ from genxai.evaluation.fid import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small CNNs run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shapes():
     return get_dataset("shapes", size=16, n=384, seed=3)
@@ -69,6 +78,7 @@ def test_streaming_equals_one_batch(shapes, extractor):
     assert abs(metric.compute()[extractor.fid_name]) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_inception_file_from_a_path(tmp_path):
     class Pool(nn.Module):  # a stand-in with the FID Inception's interface: (N, 3, 299, 299) -> (N, 2048)
         def forward(self, x):

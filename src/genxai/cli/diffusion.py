@@ -114,7 +114,7 @@ def sample(
     from torchvision.utils import save_image
 
     from genxai.diffusion.guidance import DiscriminatorGuidance
-    from genxai.diffusion.trainer import generate, load_run, model_fn_for
+    from genxai.diffusion.trainer import generate, load_run, model_fn_for, saliency_options
 
     if fmt not in ("png", "safetensors"):
         raise _fail(ValueError(f"--format: expected png or safetensors, got {fmt!r}"))
@@ -140,6 +140,7 @@ def sample(
         every=every,
         method=cfg.guidance.saliency_method,
         max_t=None if cfg.discriminator.time_aware else t_max - 1,
+        **(saliency_options(cfg, loaded.discriminator) if loaded.discriminator is not None else {}),
     )
     shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
     out = out or run / f"samples-{seed}"

@@ -72,6 +72,7 @@ class DiscriminatorConfig:
 
     base_channels: int = 32
     time_aware: bool = False
+    spectral_norm: bool = False
     t_max: float = 0.5
     lr: float = 2e-4
     beta1: float = 0.5
@@ -89,6 +90,7 @@ class GuidanceConfig:
     """
 
     saliency_method: str = "saliency"  # any genxai.attribution method name
+    saliency_layer: str | None = None  # D's layer for layer methods (Grad-CAM ...); None = its last block
     gamma: float = 1.0
     blur_sigma: float = 1.0
     w_min: float = 0.5

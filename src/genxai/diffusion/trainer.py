@@ -50,6 +50,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.utils import save_image
 
+from genxai.attribution import LayerAttribution
+from genxai.attribution import get as get_method
 from genxai.config import config_to_dict
 from genxai.diffusion import checkpoint
 from genxai.diffusion.config import ExperimentConfig, load_experiment, save_experiment
@@ -135,7 +137,15 @@ def build_discriminator(cfg: ExperimentConfig, channels: int) -> Discriminator:
         base_channels=d.base_channels,
         time_aware=d.time_aware,
         num_timesteps=cfg.schedule.num_timesteps,
+        spectral_norm=d.spectral_norm,
     )
+
+
+def saliency_options(cfg: ExperimentConfig, discriminator: Discriminator) -> dict[str, Any]:
+    """Keyword options of the configured saliency method (the D layer of layer methods)."""
+    if issubclass(get_method(cfg.guidance.saliency_method), LayerAttribution):
+        return {"layer": cfg.guidance.saliency_layer or discriminator.cam_layer}
+    return {}
 
 
 def build_schedule(cfg: ExperimentConfig) -> NoiseSchedule:
@@ -194,13 +204,16 @@ def model_fn_for(
     every: int = 0,
     method: str = "saliency",
     max_t: int | None = None,
+    **method_kwargs: Any,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``model_fn(x_t, t) -> eps`` for the samplers. Attention variants get D's saliency of the
     current x0_hat every ``every`` steps when ``every`` > 0 and D is given (estimates from
     t > ``max_t`` give none), otherwise the all-ones map (None)."""
     if getattr(unet, "attention_maps", "none") == "none" or discriminator is None or every <= 0:
         return lambda x_t, t: unet(x_t, t)
-    return SaliencyConditioned(unet, discriminator, schedule, every=every, max_t=max_t, method=method)
+    return SaliencyConditioned(
+        unet, discriminator, schedule, every=every, max_t=max_t, method=method, **method_kwargs
+    )
 
 
 @torch.no_grad()
@@ -379,6 +392,7 @@ class Trainer:
             disc = build_discriminator(cfg, cfg.data.channels)
             d_optimizer = torch.optim.Adam(disc.parameters(), lr=d.lr, betas=(d.beta1, d.beta2))
             self.discriminator, self.d_optimizer = acc.prepare(disc, d_optimizer)
+        torch.manual_seed(cfg.seed * 1_000_003 + self.rank)  # dropout: a stream of its own per process
 
         self.schedule = build_schedule(cfg).to(self.device)
         self.cycle = CycleSchedule(cfg.cycle.phase_a, cfg.cycle.phase_b, cfg.cycle.cycles)
@@ -395,7 +409,7 @@ class Trainer:
         self.train_time = 0.0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._signal: int | None = None
         self._fid = None
         self.resumed_from = checkpoint.latest(self.checkpoint_dir) if resume else None
@@ -538,7 +552,8 @@ class Trainer:
         try:
             with torch.enable_grad():
                 times = t if self.cfg.discriminator.time_aware else None
-                s = saliency(disc, x0_hat, times, method=g.saliency_method).detach().float()
+                options = saliency_options(self.cfg, disc)
+                s = saliency(disc, x0_hat, times, method=g.saliency_method, **options).detach().float()
         finally:
             disc.train(was_training)
         s = torch.where(self._fake_mask(t).view(-1, 1, 1, 1), s, torch.ones_like(s))
@@ -587,9 +602,8 @@ class Trainer:
                 self.iteration += 1
                 self.train_time += time.perf_counter() - start
                 bar.update(self.processes - bar.n)
-                bar.set_description(
-                    f"cycle {self.cycle_index(self.iteration - 1) + 1}/{self.cycle.cycles} {PHASE_LABELS[phase]}"
-                )
+                cycle = self.cycle_index(self.iteration - 1) + 1
+                bar.set_description(f"cycle {cycle}/{self.cycle.cycles} {PHASE_LABELS[phase]}", refresh=False)
                 i, tr = self.iteration, cfg.train
                 if i % tr.log_every == 0 or i == end:
                     self._log(logger, bar, phase)
@@ -640,7 +654,7 @@ class Trainer:
             **values,
         }
         logger.log(row)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
 
     # -- checks and signals --------------------------------------------------------------------
     def check_finite(self) -> None:
@@ -800,6 +814,11 @@ class Trainer:
             every=self.cfg.guidance.sample_saliency_every,
             method=self.cfg.guidance.saliency_method,
             max_t=None if self.cfg.discriminator.time_aware else self.t_max - 1,
+            **(
+                saliency_options(self.cfg, self.accelerator.unwrap_model(self.discriminator))
+                if self.discriminator
+                else {}
+            ),
         )
         return generate(
             model_fn,
