@@ -587,6 +587,9 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_experiment(cfg, self.run_dir / "config.yaml")
+            if cfg.eval.num_samples and self.iteration < end:
+                with self._rng_fork():
+                    self._real_statistics()  # missing FID weights fail now, not after hours of training
         acc.wait_for_everyone()
         handlers = self._install_signal_handlers()
         logger = _Logger(self.run_dir, enabled=self.is_main)
@@ -854,17 +857,22 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return result
 
-    def _evaluate(self) -> dict[str, float]:
-        e = self.cfg.eval
+    def _real_statistics(self) -> FID:
+        """The FID metric holding the real images' statistics (computed once per trainer)."""
         if self._fid is None:
-            self._fid = FID(self.feature_extractor(), self.device)
+            e = self.cfg.eval
+            fid = FID(self.feature_extractor(), self.device)
             count = len(self.dataset) if not e.real_images else min(e.real_images, len(self.dataset))
             for start in range(0, count, e.batch_size):
                 idx = range(start, min(count, start + e.batch_size))
                 batch = torch.stack([image_of(self.dataset[k]) for k in idx]).float()
-                self._fid.update(batch.to(self.device), real=True)
-        else:
-            self._fid.reset_fake()
+                fid.update(batch.to(self.device), real=True)
+            self._fid = fid
+        return self._fid
+
+    def _evaluate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        self._real_statistics().reset_fake()
         for batch in self._generate(
             self.ema.module, e.num_samples, seed=self.cfg.seed + 12345, batch_size=e.batch_size
         ):
