@@ -110,7 +110,9 @@ class CycleConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping; every count is in Processes (UNet optimiser steps) unless named."""
+    """Optimisation and bookkeeping. ``warmup`` and the ``*_every`` counts are in Processes (UNet
+    optimiser steps), so every variant is checkpointed, sampled and evaluated at the same points;
+    ``log_every`` counts iterations."""
 
     lr: float = 2e-4
     warmup: int = 5000
@@ -124,11 +126,11 @@ class TrainConfig:
     p2_k: float = 1.0
     p2_gamma: float = 1.0
     cpu: bool = False  # train on the CPU even when a GPU is present
-    log_every: int = 50
-    checkpoint_every: int = 5000  # iterations
+    log_every: int = 50  # iterations
+    checkpoint_every: int = 5000
     keep_checkpoints: int = 2
-    sample_every: int = 0  # iterations; 0 = never (grids and saliency/w/attention snapshots)
-    eval_every: int = 0  # iterations; 0 = only at the end when eval.num_samples > 0
+    sample_every: int = 0  # 0 = never (sample grids and saliency/w/attention snapshots)
+    eval_every: int = 0  # 0 = only at the end when eval.num_samples > 0
     progress: bool = True
 
 

@@ -600,7 +600,7 @@ class Trainer:
                 if self._stop_requested():
                     status = "interrupted"
                     break
-                start = time.perf_counter()
+                start, before = time.perf_counter(), self.processes
                 phase = self.train_iteration()
                 self.iteration += 1
                 self.train_time += time.perf_counter() - start
@@ -610,12 +610,12 @@ class Trainer:
                 i, tr = self.iteration, cfg.train
                 if i % tr.log_every == 0 or i == end:
                     self._log(logger, bar, phase)
-                if i % tr.checkpoint_every == 0 or i == end:
+                if self._passed(before, tr.checkpoint_every) or i == end:
                     saved_at = self.save()
-                if tr.sample_every and i % tr.sample_every == 0:
+                if self._passed(before, tr.sample_every):
                     self.snapshot()
                 if cfg.eval.num_samples and (
-                    (tr.eval_every and i % tr.eval_every == 0) or i == self.total_iterations
+                    self._passed(before, tr.eval_every) or i == self.total_iterations
                 ):
                     self.evaluate(logger)
             if status != "interrupted" and self.iteration < self.total_iterations:
@@ -636,6 +636,10 @@ class Trainer:
             "train_time_s": self.train_time,
             "evals": logger.evals,
         }
+
+    def _passed(self, before: int, every: int) -> bool:
+        """Whether the last iteration passed a multiple of ``every`` Processes (0: never)."""
+        return every > 0 and before // every != self.processes // every
 
     def _log(self, logger: _Logger, bar: Any, phase: str) -> None:
         self.check_finite()
