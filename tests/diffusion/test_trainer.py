@@ -296,3 +296,22 @@ def test_trained_demo_model_beats_the_untrained_one(tmp_path):
     summary = trainer.fit()
     trained = summary["evals"][-1]["metrics"]
     assert trained[name] < 0.7 * untrained[name], (untrained, trained)
+
+
+def test_an_interrupted_ablation_stops_and_resumes(tmp_path, shapes8, monkeypatch):
+    from genxai.diffusion import ablation
+
+    cfg = tiny(tmp_path, "name=abl", "eval.num_samples=8", "eval.features=classifier")
+
+    class Interrupted(Trainer):
+        def fit(self, until=None):
+            self._signal = signal.SIGTERM  # as if SIGTERM arrived during the first run
+            return super().fit(until)
+
+    monkeypatch.setattr(ablation, "Trainer", Interrupted)
+    partial = ablation.run_ablation(cfg, variants=("baseline", "noise"), dataset=shapes8)
+    assert partial == {"interrupted": True}
+    assert not (tmp_path / "abl" / "noise").exists()  # the ablation stopped at the first run
+    monkeypatch.setattr(ablation, "Trainer", Trainer)
+    done = ablation.run_ablation(cfg, variants=("baseline", "noise"), dataset=shapes8)
+    assert not done["interrupted"] and all(r["processes"] == 12 for r in done["runs"].values())

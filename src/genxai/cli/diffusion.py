@@ -335,6 +335,10 @@ def ablate(
         results = run_ablation(cfg, variants=names, baselines=baselines, out_dir=out)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from None
+    if results["interrupted"]:
+        typer.echo("interrupted: the current run saved a checkpoint; run the same command to resume")
+        if "runs" not in results:
+            return
     name = results["fid_name"]
     typer.echo(f"{'run':<22} {'Processes':>9} {'Processes/s':>11}  {name}")
     for label, r in results["runs"].items():

@@ -94,7 +94,11 @@ def run_ablation(
     out_dir: str | Path | None = None,
     dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Train every run (resuming unfinished ones), then write the results table and figures."""
+    """Train every run (resuming unfinished ones), then write the results table and figures.
+
+    A run stopped by SIGTERM/SIGINT ends the ablation (its checkpoint is saved): the results then
+    cover the finished runs and say ``"interrupted": true``; calling again resumes.
+    """
     if cfg.eval.num_samples <= 0:
         raise ValueError("eval.num_samples: the ablation compares FID; set eval.num_samples > 0")
     root = Path(out_dir) if out_dir is not None else cfg.run_dir
@@ -103,8 +107,9 @@ def run_ablation(
     save_experiment(cfg, root / "ablation.yaml")
     dataset = dataset if dataset is not None else build_dataset(cfg)
     for run in runs.values():
-        if not is_finished(run):
-            Trainer(run, dataset=dataset).fit()
+        if not is_finished(run) and Trainer(run, dataset=dataset).fit()["status"] == "interrupted":
+            finished = {label: r for label, r in runs.items() if is_finished(r)}
+            return {**(write_results(root, finished) if finished else {}), "interrupted": True}
     return write_results(root, runs)
 
 
@@ -181,6 +186,7 @@ def write_results(root: str | Path, runs: dict[str, ExperimentConfig]) -> dict[s
         ),
         "runs": summaries,
         "figures": figures,
+        "interrupted": False,
     }
     (root / "results.json").write_text(json.dumps(results, indent=2))
     with open(root / "results.csv", "w", newline="") as f:
