@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from genxai.attribution import cam  # noqa: F401  (registers the CAM family)
+from genxai.attribution import Attribution, Saliency, names
 from genxai.cli import app
 from genxai.data.shapes import generate_shapes
+from genxai.jobs.explain import Explainer, build_methods, resolve_methods
 from genxai.models import SmallResNet, save_classifier
 from genxai.report.figures import save_png
 
@@ -120,6 +121,68 @@ def test_bad_folders_and_models(workspace, tmp_path):
         assert message in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "metrics.json" in result.output
+
+
+def test_demo_small(tmp_path):
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--size",
+        "16",
+        "--epochs",
+        "1",
+        "--train-images",
+        "120",
+        "--images",
+        "3",
+    ]
+    result = runner.invoke(app, [*args, "--method", "gradcam", "--method", "saliency"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"] == ["gradcam", "saliency"]
+    for key in ("pointing_game", "localization_energy", "win_percent"):
+        assert key in metrics["summary"][0]  # the shapes' masks give the localisation metrics
+    assert (out / "model" / "model.safetensors").is_file() and (out / "report.html").is_file()
+    assert len(list((out / "overlays" / "gradcam").glob("*.png"))) == 3
+    assert "held-out accuracy" in (out / "report.html").read_text()
+    result = runner.invoke(app, ["demo", "--out", str(out), "--method", "nope"])
+    assert result.exit_code == 2 and "unknown name" in result.output
+
+
+class HeadNet(torch.nn.Module):
+    """Conv features and a linear classifier called ``head`` (so CAM, which wants ``fc``, cannot run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class Broken(Attribution):
+    def attribute(self, x, target):
+        raise RuntimeError("this method always fails")
+
+
+def test_all_methods_skip_what_cannot_run(tmp_path):
+    assert resolve_methods(["ALL", "saliency"]) == names()
+    assert resolve_methods(["Grad-CAM", "gradcam", "vanilla"]) == ["gradcam", "saliency"]
+    model = HeadNet().eval()
+    with pytest.raises(ValueError, match="fc"):
+        build_methods(model, ["cam"], layer="features")
+    methods, skipped = build_methods(model, ["cam", "gradcam"], layer="features", strict=False)
+    assert list(methods) == ["gradcam"] and "fc" in skipped["cam"]
+    explainer = Explainer(
+        model, {"broken": Broken(model), "saliency": Saliency(model)}, tmp_path, strict=False, curve_steps=2
+    )
+    rows = explainer.run_batch(["a", "b"], torch.rand(2, 3, 8, 8))
+    assert {r["method"] for r in rows} == {"saliency"} and "always fails" in explainer.skipped["broken"]
+    with pytest.raises(RuntimeError, match="always fails"):
+        Explainer(model, {"broken": Broken(model)}, tmp_path).run_batch(["a"], torch.rand(1, 3, 8, 8))
 
 
 def _free_port() -> int:

@@ -111,8 +111,9 @@ def report(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/demo"),
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 48,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 4,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 32,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 3,
+    train_images: Annotated[int, typer.Option("--train-images", help="Shapes images to train on.")] = 2400,
     images: Annotated[int, typer.Option("--images", help="Held-out images to explain.")] = 12,
     method: Annotated[
         list[str] | None, typer.Option("--method", help="Methods to run [default: all registered].")
@@ -124,7 +125,13 @@ def demo(
 
     try:
         path = run_demo(
-            out, size=size, epochs=epochs, explain_images=images, methods=method or ["all"], device=device
+            out,
+            size=size,
+            epochs=epochs,
+            train_images=train_images,
+            explain_images=images,
+            methods=method or ["all"],
+            device=device,
         )
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from None

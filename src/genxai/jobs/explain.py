@@ -21,6 +21,7 @@ listed, instead of stopping the run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -37,7 +38,6 @@ from tqdm.auto import tqdm
 
 from genxai import attribution, evaluation
 from genxai.attribution.base import Attribution, LayerAttribution
-from genxai.config import config_to_dict
 from genxai.core.checks import check_positive_int
 from genxai.core.engine import model_output
 from genxai.core.hooks import get_module
@@ -486,7 +486,13 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
         parts.mkdir(parents=True, exist_ok=True)
         for old in parts.glob("rank-*.json"):
             old.unlink()
-        record = {**config_to_dict(cfg), "layer": layer, "methods": names, "processes": state.num_processes}
+        record = {
+            **dataclasses.asdict(cfg),
+            "layer": layer,
+            "methods": names,
+            "processes": state.num_processes,
+            "class_names": list(getattr(getattr(model, "config", None), "class_names", []) or []),
+        }
         (out / "config.json").write_text(json.dumps(record, indent=2))
     state.wait_for_everyone()
 
@@ -547,12 +553,18 @@ def explain_sections(run_dir: str | Path, *, max_images: int = 24) -> list[Secti
     shown = images[:max_images]
     rows_by_image = {r["image"]: r for r in metrics["per_image"]}
 
+    class_names = config.get("class_names") or []
+
+    def class_name(index: int) -> str:
+        return class_names[index] if 0 <= index < len(class_names) else f"class {index}"
+
     def label(image_id: str) -> str:
         row = rows_by_image[image_id]
-        text = f"{image_id}\nclass {row['target']} (p={row['probability']:.2f})"
-        return text + (f", label {row['label']}" if "label" in row else "")
+        text = f"{image_id}\nexplained: {class_name(row['target'])} (p={row['probability']:.2f})"
+        return text + (f"\ntrue: {class_name(row['label'])}" if "label" in row else "")
 
-    overview = [
+    overview = [config["notes"]] if config.get("notes") else []
+    overview += [
         f"Model: {config.get('model', '?')}; layer of the layer methods: {config.get('layer') or '-'}.",
         f"{len(images)} images, {len(methods)} methods: {', '.join(methods)}."
         + (f" Showing the first {len(shown)} images." if len(shown) < len(images) else ""),
