@@ -60,7 +60,10 @@ def explain(
         str, typer.Option("--cmap", help="Colormap of the overlays (jet, inferno, ...).")
     ] = "jet",
 ) -> None:
-    """Explain a classifier's decisions on a folder of images: overlays, raw maps, metrics, report."""
+    """Explain a classifier's decisions on a folder of images: overlays, raw maps, metrics, report.
+
+    Many images: `accelerate launch --multi_gpu --num_processes N -m genxai.cli explain ...` runs N processes, each explaining its share (add --device cpu to run them on CPUs).
+    """
     from genxai.jobs.explain import ExplainConfig, run_explain
 
     cfg = ExplainConfig(
