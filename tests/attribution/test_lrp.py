@@ -525,3 +525,19 @@ def test_spectral_norm_layers_use_their_normalised_weight(images):
         plain.main[0].weight.copy_(normed.main[0].weight)
     ours = LRP(normed, EpsilonGammaBox(0.0, 1.0))(images)
     torch.testing.assert_close(ours, LRP(plain, EpsilonGammaBox(0.0, 1.0))(images), rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_is_merged_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    )
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.rand(2, 3, 8, 8)
+    default = LRP(model)(x, target=1)
+    explicit = LRP(model, canonizers=[MergeBatchNorm()])(x, target=1)
+    unmerged = LRP(model, canonizers=[])(x, target=1)
+    torch.testing.assert_close(default, explicit)
+    assert not torch.allclose(default, unmerged)

@@ -71,6 +71,8 @@ class Attribution(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: "map": an explanation of the input (scored by the metrics); "image": a synthesised input.
+    output: ClassVar[str] = "map"
 
     def __init__(self, model: nn.Module, *, normalize: bool = False, autocast: torch.dtype | None = None):
         if not isinstance(model, nn.Module):

@@ -53,6 +53,8 @@ class ClassModelVisualization(Attribution):
         seed: seed of the jitter (None: the global generator).
     """
 
+    output = "image"
+
     def __init__(
         self,
         model: nn.Module,

@@ -47,9 +47,6 @@ from genxai.models.classifier import default_layer, load_model
 from genxai.report.figures import as_heatmap, overlay, save_png, to_rgb, upscale
 from genxai.report.html import Grid, Section, Table, build_report
 
-IMAGE_METHODS = frozenset({"classmodel"})
-"""Methods whose output is an image to look at (not a map of the input): shown, not scored."""
-
 METRICS = (
     "average_drop",
     "increase_in_confidence",
@@ -145,16 +142,6 @@ def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in names}
 
 
-def _model_defaults(cls: type, model: nn.Module) -> dict[str, Any]:
-    """Options a model needs whatever the user asks: LRP rules see BatchNorm merged into the conv."""
-    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if has_norm and "canonizers" in _accepted(cls, {"canonizers": None}):
-        from genxai.attribution.lrp import MergeBatchNorm
-
-        return {"canonizers": [MergeBatchNorm()]}
-    return {}
-
-
 def build_methods(
     model: nn.Module,
     names: Sequence[str],
@@ -174,7 +161,7 @@ def build_methods(
     skipped: dict[str, str] = {}
     for name in names:
         cls = attribution.get(name)
-        kwargs = {**_model_defaults(cls, model), **_accepted(cls, dict(options.get(name, {})))}
+        kwargs = _accepted(cls, dict(options.get(name, {})))
         try:
             if issubclass(cls, LayerAttribution):
                 methods[name] = cls(model, layer=layer or default_layer(model), **kwargs)
@@ -326,7 +313,7 @@ class Explainer:
         """The input, each method's overlay and the raw maps, one set of files per image."""
         big = upscale(to_rgb(x.float()), self.png_size).cpu()
         for name, raw in maps.items():
-            if name in IMAGE_METHODS:
+            if self.methods[name].output == "image":
                 pictures = upscale(to_rgb(_minmax_image(raw.float().cpu())), self.png_size)
             else:
                 pictures = overlay(big, raw.cpu(), cmap=self.cmap)
@@ -350,7 +337,7 @@ class Explainer:
         """Explain, score and write one batch; return one row per image and method."""
         target, predicted, probability = self.targets(x)
         maps, seconds = self.explain(x, target)
-        heat = {name: as_heatmap(raw) for name, raw in maps.items() if name not in IMAGE_METHODS}
+        heat = {name: as_heatmap(raw) for name, raw in maps.items() if self.methods[name].output == "map"}
         values = self.score(x, heat, target, masks) if self.metrics and heat else {}
         self.write_images(ids, x, maps, target)
         rows = []

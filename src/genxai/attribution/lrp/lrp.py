@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genxai.attribution.base import Attribution, LayerAttribution, register
-from genxai.attribution.lrp.canonizers import Canonizer, check_canonizers
+from genxai.attribution.lrp.canonizers import Canonizer, MergeBatchNorm, check_canonizers
 from genxai.attribution.lrp.composites import Composite, get_composite
 from genxai.core.engine import autocast_context
 from genxai.core.hooks import TraceDict
@@ -103,6 +103,17 @@ def relevance(
     return result
 
 
+def default_canonizers(
+    model: nn.Module, composite: Composite, canonizers: Sequence[Canonizer] | None
+) -> list[Canonizer]:
+    """The canonizers given; for None, BatchNorm merging when the model has BatchNorm and the
+    composite brings no canonizers of its own."""
+    if canonizers is not None or composite.canonizers:
+        return check_canonizers(canonizers)
+    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return [MergeBatchNorm()] if has_norm else []
+
+
 @register("lrp")
 class LRP(Attribution):
     """Layer-wise Relevance Propagation: relevance of the input's shape (N, C, H, W).
@@ -110,7 +121,8 @@ class LRP(Attribution):
     Args:
         composite: which rule each layer gets (default :class:`EpsilonPlus`); a Composite or a name
             ('epsilon-plus', 'epsilon-alpha2-beta1', 'epsilon-plus-flat').
-        canonizers: model rewrites applied first, e.g. ``[MergeBatchNorm()]`` for nets with BatchNorm.
+        canonizers: model rewrites applied first; default (None): ``[MergeBatchNorm()]`` when the
+            model has BatchNorm layers and the composite has no canonizers; pass ``[]`` for none.
     """
 
     def __init__(
@@ -122,7 +134,7 @@ class LRP(Attribution):
     ) -> None:
         super().__init__(model, **kwargs)
         self.composite = get_composite(composite)
-        self.canonizers = check_canonizers(canonizers)
+        self.canonizers = default_canonizers(model, self.composite, canonizers)
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         result = relevance(self.model, x, target, self.composite, self.canonizers, autocast=self.autocast)
@@ -148,7 +160,7 @@ class RelevanceCAM(LayerAttribution):
     ) -> None:
         super().__init__(model, layer, **kwargs)
         self.composite = get_composite(composite)
-        self.canonizers = check_canonizers(canonizers)
+        self.canonizers = default_canonizers(model, self.composite, canonizers)
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         result = relevance(
