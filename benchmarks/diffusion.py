@@ -238,7 +238,9 @@ def print_unet(cases: list[Case], params: tuple[int, int]) -> list[dict]:
 
 
 # -- 2. the cost of XAI guidance per Process, with the Trainer's own steps ---------------------------
-def make_trainer(args: argparse.Namespace, variant: str, precision: str, out_dir: str, device) -> Trainer:
+def make_trainer(
+    args: argparse.Namespace, variant: str, precision: str, out_dir: str, device: torch.device
+) -> Trainer:
     """A Trainer of ``variant`` at the benchmark's sizes, on random data (nothing is written)."""
     overrides = [
         f"variant={variant}",
