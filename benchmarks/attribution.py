@@ -14,10 +14,7 @@ before each call) on the CPU. Random-init weights: speed does not depend on them
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +23,7 @@ import torchvision
 
 from genxai import attribution as A
 from genxai.targets import ClassLogit
+from measure import peak_memory_mib, timed
 
 
 @dataclass
@@ -34,54 +32,6 @@ class Case:
     ours: Callable[[], object] | None
     peer_name: str
     peer: Callable[[], object] | None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of one call after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak extra memory of one call: the CUDA allocator's peak, or the peak resident-set growth on the CPU."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    gc.collect()
-    _libc.malloc_trim(0)  # hand freed heap memory back, so earlier calls do not hide this one's peak
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident set, to the current RSS
-        f.write("5")
-    base = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - base) / 1024
-
-
-_libc = ctypes.CDLL("libc.so.6")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def build_cases(model, x, labels, layer, args) -> list[Case]:
@@ -281,7 +231,7 @@ def _grid_segments(x: torch.Tensor, cells: int) -> torch.Tensor:
     return (rows[:, None] * cells + cols[None, :]).expand(x.shape[0], h, w).contiguous()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -299,7 +249,7 @@ def main() -> None:
     parser.add_argument("--no-scorecam", dest="scorecam", action="store_false")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--methods", default="", help="comma-separated substrings of method names to run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.model = args.model or ("resnet50" if gpu else "resnet18")

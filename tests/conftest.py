@@ -7,6 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+# The suite's models are tiny: one thread avoids thread-pool overhead that dominates on 2-core machines.
+torch.set_num_threads(1)
+
 
 class GapNet(nn.Module):
     """conv features -> global average pool -> linear: the CAM architecture."""

@@ -14,6 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared `measure` helpers
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -43,3 +45,12 @@ def test_diffusion_benchmark_runs(one_thread, capsys):
     assert all(math.isfinite(row["per_process_rel"]) for row in results["guided"])
     assert "| fp32 | noise+hierarchical | phase B: Process1 + saliency + w + Process2 | 2 |" in out
     assert bench.peak_memory_mib(lambda: torch.ones(4 << 20), torch.device("cpu")) >= 0
+
+
+def test_attribution_benchmark_runs(one_thread, capsys):
+    bench = load("attribution")
+    bench.main(
+        ["--size", "32", "--batch", "2", "--repeats", "1", "--no-memory", "--methods", "saliency,gradcam"]
+    )
+    table = capsys.readouterr().out
+    assert "| saliency | captum |" in table and "| gradcam | pytorch-grad-cam |" in table

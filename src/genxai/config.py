@@ -27,10 +27,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     base = OmegaConf.structured(cls)
     layers = [base]
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no file at {path}")
-        layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.load(resolve_config_path(path)))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ValueError(f"overrides: expected dotted key=value items, got {bad}")
@@ -41,6 +38,28 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(f"config: {err}") from None
+
+
+SHIPPED = Path(__file__).parent / "configs"
+"""Configs installed with the package (``demo``, ``cifar10``, ``celebahq256``)."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that come with genxai."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file path, or the name of a shipped config (``"demo"`` -> its installed file)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"config: no file at {path}; give a YAML path or one of the shipped configs: {', '.join(shipped_configs())}"
+    )
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -131,7 +131,8 @@ def test_ablate(tmp_path):
         "maps_noise+hierarchical",
         "attention_noise+hierarchical",
     ):
-        assert Path(results["figures"][name]).is_file(), name
+        assert (root / results["figures"][name]).is_file(), name
+    assert "XAI-guided diffusion: ablation" in (root / "report.html").read_text()
     assert (root / "results.csv").read_text().startswith("run,variant,loss_weighting")
     assert "FID (offline shapes-classifier features)" in out.output
 

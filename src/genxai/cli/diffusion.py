@@ -345,4 +345,8 @@ def ablate(
         value = r["final"].get(name)
         shown = f"{value:.3f}" if value is not None else "-"
         typer.echo(f"{label:<22} {r['processes']:>9} {r['processes_per_s']:>11.2f}  {shown}")
-    typer.echo(f"results: {(out or cfg.run_dir) / 'results.json'}")
+    from genxai.jobs.diffusion import write_ablation_report
+
+    root = out or cfg.run_dir
+    typer.echo(f"results: {root / 'results.json'}")
+    typer.echo(f"report: {write_ablation_report(root)}")

@@ -1,5 +1,7 @@
 """XAI-guided diffusion: noise schedule, UNet, discriminator, saliency-shaped noise, samplers, the cycle."""
 
+from genxai.diffusion.ablation import run_ablation
+from genxai.diffusion.config import ExperimentConfig, load_experiment
 from genxai.diffusion.cycle import CycleSchedule, Position
 from genxai.diffusion.discriminator import Discriminator, d_loss
 from genxai.diffusion.guidance import (
@@ -11,21 +13,27 @@ from genxai.diffusion.guidance import (
 )
 from genxai.diffusion.sampling import SaliencyConditioned, ddim_sample, ddpm_sample
 from genxai.diffusion.schedule import NoiseSchedule
+from genxai.diffusion.trainer import Trainer, load_run
 from genxai.diffusion.unet import UNet
 
 __all__ = [
     "CycleSchedule",
     "Discriminator",
     "DiscriminatorGuidance",
+    "ExperimentConfig",
     "NoiseSchedule",
     "Position",
     "SaliencyConditioned",
+    "Trainer",
     "UNet",
     "anneal_weight",
     "d_loss",
     "ddim_sample",
     "ddpm_sample",
     "discriminator_guidance",
+    "load_experiment",
+    "load_run",
     "noise_weight",
+    "run_ablation",
     "saliency",
 ]

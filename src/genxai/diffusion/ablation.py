@@ -7,7 +7,7 @@ loss-weighting baselines ``baseline+min_snr`` / ``baseline+p2``) one after anoth
 own folder under the ablation folder, all with the same seed, data order, Process budget and FID
 features (one offline classifier shared by all runs, or the FID Inception). Then writes:
 
-- ``results.json``: per run its FID (and IS) at every evaluation against Processes and training
+- ``results.json`` (figure paths relative to the ablation folder): per run its FID (and IS) at every evaluation against Processes and training
   time, Processes/s, the paths of its sample grids and snapshots; the D setup used (t_D cutoff or
   time-aware D); the figure files.
 - ``results.csv``: one row per run, evaluation and metric.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ def write_results(root: str | Path, runs: dict[str, ExperimentConfig]) -> dict[s
         if summary["snapshots"]:
             figures[f"maps_{label}"] = _plot_maps(root, label, summary["snapshots"])
             figures[f"attention_{label}"] = _plot_attention(root, label, summary["snapshots"][-1])
-    figures = {k: v for k, v in figures.items() if v is not None}
+    figures = {k: os.path.relpath(v, root) for k, v in figures.items() if v is not None}  # movable folder
     results = {
         "fid_name": fid_name,
         "metrics": metric_names,

@@ -508,11 +508,11 @@ class Trainer:
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if tr.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.unet.parameters(), tr.grad_clip)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
         self.ema.update(self.accelerator.unwrap_model(self.unet))
         self.processes += 1
         x0_hat = self.schedule.predict_x0(x_t, t, pred.detach()).clamp(-1, 1)
@@ -538,9 +538,9 @@ class Trainer:
         if d_cfg.r1_weight > 0:
             (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
             loss = loss + 0.5 * d_cfg.r1_weight * grad.square().sum(dim=(1, 2, 3)).mean()
-        self.d_optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
         return loss
 
     def saliency_and_weight(self, x0_hat: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

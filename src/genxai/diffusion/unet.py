@@ -374,7 +374,8 @@ class UNet(nn.Module):
     def _inject(self, h: torch.Tensor, maps: list[torch.Tensor] | None, level: int) -> torch.Tensor:
         if maps is None:
             return h
-        return h * (1 + self.gates[level].view(1, -1, 1, 1) * maps[level])
+        # Cast the factor, not h: under bf16 autocast an fp32 product would keep fp32 copies for backward.
+        return h * (1 + self.gates[level].view(1, -1, 1, 1) * maps[level]).to(h.dtype)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | int, saliency: torch.Tensor | None = None

@@ -1,0 +1,130 @@
+"""XAI-guided diffusion as a job: run the ablation and turn its results into report sections.
+
+    sections = ablation_sections("runs/demo-ablation")       # after `genxai ablate`
+    write_ablation_report("runs/demo-ablation")              # -> runs/demo-ablation/report.html
+
+The ablation itself (training every variant on the same budget, FID, figures) lives in
+:mod:`genxai.diffusion.ablation`; this module only reads its ``results.json`` and lays the
+numbers and figures out for people to look at.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from genxai.diffusion.ablation import run_ablation
+from genxai.diffusion.config import load_experiment
+from genxai.report.html import Picture, Section, Table, build_report
+
+
+def load_results(root: str | Path) -> dict[str, Any]:
+    """The ``results.json`` of an ablation folder, with a clear error when there is none."""
+    path = Path(root) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir: {root} has no results.json; is it the folder of `genxai ablate`?")
+    return json.loads(path.read_text())
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """One row per run: its setup, speed and final metrics."""
+    records = []
+    for label, run in results["runs"].items():
+        record = {
+            "run": label,
+            "variant": run["variant"],
+            "loss weighting": run["loss_weighting"],
+            "Processes": run["processes"],
+            "training time (s)": run["train_time_s"],
+            "Processes/s": run["processes_per_s"],
+        }
+        record.update(run["final"])
+        records.append(record)
+    return Table.from_records(records)
+
+
+def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -> list[Section]:
+    """Report sections of an ablation: table, FID curves, samples, saliency/noise maps, attention."""
+    root = Path(root)
+    results = results if results is not None else load_results(root)
+    figures = {key: (root / path).resolve() for key, path in results.get("figures", {}).items()}
+    fid_name = results.get("fid_name") or "FID"
+    budget = results["budget"]
+    notes = [
+        f"Every run: {budget['processes']} Processes at batch {budget['batch_size']}, seed {budget['seed']}, "
+        f"cycle {budget['cycle']}.",
+        f"Discriminator: {results['discriminator']}.",
+        f"Sampling: {results['sampling']}.",
+    ]
+    if "offline" in fid_name:
+        notes.append(
+            f"{fid_name} uses a classifier trained on the bundled data as feature extractor: it ranks runs "
+            "on this data but is not comparable to published (Inception) FIDs."
+        )
+    if results.get("interrupted"):
+        notes.append("The ablation was interrupted: only finished runs are shown; run it again to resume.")
+    sections = [
+        Section("XAI-guided diffusion: ablation", text="\n".join(notes), table=results_table(results))
+    ]
+    curves = [
+        Picture(figures[k], caption)
+        for k, caption in (
+            ("fid_vs_processes", f"{fid_name} against Processes"),
+            ("fid_vs_time", f"{fid_name} against training time"),
+        )
+        if k in figures
+    ]
+    if curves:
+        sections.append(Section(f"{fid_name} during training", images=curves))
+    if "samples" in figures:
+        sections.append(
+            Section("Samples (EMA weights, final checkpoint)", images=[Picture(figures["samples"])])
+        )
+    maps = [
+        Picture(path, key.removeprefix("maps_")) for key, path in figures.items() if key.startswith("maps_")
+    ]
+    if maps:
+        sections.append(
+            Section(
+                "What the discriminator calls fake, and the noise weight it gives",
+                text="Per row, a point in training: the real x0, the model's estimate x0_hat, D's saliency S "
+                "(|d fake score / d x0_hat|) and the noise weight w of Process2 (mean(w^2) = 1).",
+                images=maps,
+            )
+        )
+    attention = [
+        Picture(path, key.removeprefix("attention_"))
+        for key, path in figures.items()
+        if key.startswith("attention_")
+    ]
+    if attention:
+        sections.append(Section("Attention maps per UNet level", images=attention))
+    config_file = root / "ablation.yaml"
+    if config_file.is_file():
+        from omegaconf import OmegaConf
+
+        sections.append(
+            Section("Ablation config", config=OmegaConf.to_container(OmegaConf.load(config_file)))
+        )
+    return sections
+
+
+def write_ablation_report(root: str | Path, *, embed: bool = False) -> Path:
+    """``root/report.html`` for an ablation folder."""
+    return build_report(
+        root, ablation_sections(root), title=f"genxai ablation: {Path(root).resolve().name}", embed=embed
+    )
+
+
+def run_diffusion_demo(
+    out: str | Path,
+    *,
+    config: str | Path = "demo",
+    variants: Sequence[str] = ("baseline", "noise+hierarchical"),
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The demo's diffusion part: the shipped demo config's variants, trained side by side in ``out``."""
+    cfg = load_experiment(config, list(overrides))
+    return run_ablation(cfg, variants=variants, out_dir=Path(out))
