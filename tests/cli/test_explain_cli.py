@@ -137,6 +137,7 @@ def test_demo_small(tmp_path):
         "120",
         "--images",
         "3",
+        "--no-diffusion",
     ]
     result = runner.invoke(app, [*args, "--method", "gradcam", "--method", "saliency"])
     assert result.exit_code == 0, result.output
@@ -149,6 +150,48 @@ def test_demo_small(tmp_path):
     assert "held-out accuracy" in (out / "report.html").read_text()
     result = runner.invoke(app, ["demo", "--out", str(out), "--method", "nope"])
     assert result.exit_code == 2 and "unknown name" in result.output
+
+
+TINY_DIFFUSION = [
+    "data.image_size=8",
+    "model.base_channels=8",
+    "model.channel_mults=[1,2]",
+    "model.attention_resolutions=[4]",
+    "discriminator.base_channels=8",
+    "cycle.phase_a=2",
+    "cycle.phase_b=2",
+    "cycle.cycles=1",
+    "train.batch_size=4",
+    "train.checkpoint_every=6",
+    "train.sample_every=6",
+    "train.eval_every=6",
+    "eval.num_samples=8",
+    "eval.real_images=32",
+    "sample.num_images=4",
+    "sample.steps=3",
+]
+
+
+def test_demo_runs_the_diffusion_job_first(tmp_path):
+    from genxai.jobs.demo import run_demo
+
+    out = tmp_path / "demo"
+    report = run_demo(
+        out,
+        size=16,
+        epochs=1,
+        train_images=60,
+        explain_images=2,
+        methods=["gradcam"],
+        progress=False,
+        diffusion_overrides=TINY_DIFFUSION,
+    )
+    results = json.loads((out / "diffusion" / "results.json").read_text())
+    assert set(results["runs"]) == {"baseline", "noise+hierarchical"}
+    assert all(run["processes"] == 6 for run in results["runs"].values())
+    html = report.read_text()
+    assert html.index("XAI-guided diffusion: ablation") < html.index("held-out accuracy")
+    assert "What the discriminator calls fake" in html
 
 
 class HeadNet(torch.nn.Module):

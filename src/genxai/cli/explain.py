@@ -122,8 +122,12 @@ def demo(
         list[str] | None, typer.Option("--method", help="Methods to run [default: all registered].")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    diffusion: Annotated[
+        bool, typer.Option("--diffusion/--no-diffusion", help="Run the XAI-guided diffusion part first.")
+    ] = True,
 ) -> None:
-    """Train a small CNN on the bundled shapes and explain it with every method (a few CPU minutes)."""
+    """The main job at toy scale: XAI-guided diffusion (baseline vs noise+hierarchical), then a small
+    CNN on the bundled shapes explained with every method; one HTML report (a few CPU minutes)."""
     from genxai.jobs.demo import run_demo
 
     try:
@@ -135,6 +139,7 @@ def demo(
             explain_images=images,
             methods=method or ["all"],
             device=device,
+            diffusion=diffusion,
         )
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from None
