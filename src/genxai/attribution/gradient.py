@@ -67,12 +67,12 @@ def _repeated_gradients(
     for start in range(0, total, batch_size):
         rows = torch.arange(start, min(start + batch_size, total), device=x.device)
         image, copy = rows // copies, rows % copies
-        result = forward_backward(
+        grad = forward_backward(
             attribution.model, make_rows(image, copy), target.take(image), autocast=attribution.autocast
-        )
-        grad = result.input_grad.float()
+        ).input_grad.float()
         weights = row_weights.to(x.device)[copy].view(-1, 1, 1, 1)
         out.index_add_(0, image, (grad.square() if square else grad) * weights)
+        del grad  # not alive during the next chunk's forward: peak memory is one chunk's
     return out
 
 
