@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from genxai.attribution.base import Attribution, register
-from genxai.core.checks import check_choice, check_in_range, check_positive_int
+from genxai.core.checks import baseline_like, check_choice, check_in_range, check_positive_int
 from genxai.core.engine import forward_backward, model_output
 from genxai.core.targets import Target
 
@@ -192,7 +192,7 @@ class IntegratedGradients(Attribution):
     def attribute(
         self, x: torch.Tensor, target: Target, baseline: float | torch.Tensor | None = None
     ) -> torch.Tensor:
-        base = _broadcast_baseline(self.baseline if baseline is None else baseline, x)
+        base = baseline_like(self.baseline if baseline is None else baseline, x)
         target = target.bind(model_output(self.model, x, self.autocast))
         alphas = self.alphas.to(x.device, x.dtype).view(-1, 1, 1, 1)
         delta = x - base
@@ -204,16 +204,3 @@ class IntegratedGradients(Attribution):
             self, x, target, self.steps, make_rows, self.weights.float(), self.internal_batch_size
         )
         return delta * grad
-
-
-def _broadcast_baseline(baseline: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(baseline, (int, float)):
-        return torch.full_like(x, float(baseline))
-    if not isinstance(baseline, torch.Tensor):
-        raise TypeError(f"baseline: expected a number or a tensor, got {type(baseline).__name__}")
-    try:
-        return torch.broadcast_to(baseline.to(x.device, x.dtype), x.shape).contiguous()
-    except RuntimeError as err:
-        raise ValueError(
-            f"baseline: shape {tuple(baseline.shape)} does not broadcast to x {tuple(x.shape)}"
-        ) from err

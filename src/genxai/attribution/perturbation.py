@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genxai.attribution.base import Attribution, register
-from genxai.core.checks import check_finite, check_in_range, check_positive_int
+from genxai.core.checks import baseline_like, check_in_range, check_positive_int
 from genxai.core.engine import batched_scores, model_output
 from genxai.core.targets import Target, evaluate
 
@@ -30,21 +30,6 @@ def bind_target(attribution: Attribution, x: torch.Tensor, target: Target) -> tu
     output = model_output(attribution.model, x, attribution.autocast)
     target = target.bind(output)
     return target, evaluate(target, output, x.shape[0]).float()
-
-
-def baseline_like(baseline: float | torch.Tensor, x: torch.Tensor, name: str = "baseline") -> torch.Tensor:
-    """A number or a tensor broadcastable to ``x``, as a tensor of x's shape, dtype and device."""
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
-    if not isinstance(baseline, torch.Tensor):
-        raise TypeError(f"{name}: expected a number or a tensor, got {type(baseline).__name__}")
-    try:
-        base = torch.broadcast_to(baseline.to(x.device, x.dtype), x.shape).contiguous()
-    except RuntimeError as err:
-        raise ValueError(
-            f"{name}: shape {tuple(baseline.shape)} does not broadcast to x {tuple(x.shape)}"
-        ) from err
-    return check_finite(base, name)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:

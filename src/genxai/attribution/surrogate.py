@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from genxai.attribution.base import Attribution, register
-from genxai.attribution.perturbation import baseline_like, bind_target
-from genxai.core.checks import check_images, check_in_range, check_positive_int
+from genxai.attribution.perturbation import bind_target
+from genxai.core.checks import baseline_like, check_images, check_in_range, check_positive_int
 from genxai.core.engine import batched_scores
 from genxai.core.targets import Target, as_target
 

@@ -72,3 +72,18 @@ def check_maps(maps: Any, x: torch.Tensor, name: str = "maps") -> torch.Tensor:
         raise ValueError(f"{name}: expected 1 or {x.shape[1]} channels, got {maps.shape[1]}")
     check_finite(maps, name)
     return maps.float()
+
+
+def baseline_like(baseline: float | torch.Tensor, x: torch.Tensor, name: str = "baseline") -> torch.Tensor:
+    """A number or a tensor broadcastable to ``x``, as a tensor of x's shape, dtype and device."""
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(x, float(baseline))
+    if not isinstance(baseline, torch.Tensor):
+        raise TypeError(f"{name}: expected a number or a tensor, got {type(baseline).__name__}")
+    try:
+        base = torch.broadcast_to(baseline.to(x.device, x.dtype), x.shape).contiguous()
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name}: shape {tuple(baseline.shape)} does not broadcast to x {tuple(x.shape)}"
+        ) from err
+    return check_finite(base, name)
