@@ -99,7 +99,7 @@ def test_bad_input_errors(gapnet, images):
         IntegratedGradients(gapnet, steps=0)
     with pytest.raises(ValueError, match="baseline"):
         IntegratedGradients(gapnet)(images, target=1, baseline=torch.zeros(2, 3, 5, 5))
-    with pytest.raises(ValueError, match="baseline: contains .* NaN"):
+    with pytest.raises(ValueError, match=r"baseline: contains .* NaN"):
         IntegratedGradients(gapnet)(
             images, target=1, baseline=torch.tensor([float("nan"), 0.0, 0.0]).view(1, 3, 1, 1)
         )

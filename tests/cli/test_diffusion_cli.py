@@ -66,6 +66,8 @@ def test_train_sample_fid(tmp_path):
     assert out.exit_code == 0, out.output
     pngs = sorted((run / "samples-1" / "images").glob("*.png"))
     assert len(pngs) == 5 and (run / "samples-1" / "grid.png").is_file()
+    assert _json(out.output)["saliency"] == str(run / "samples-1" / "saliency.png")
+    assert (run / "samples-1" / "saliency.png").is_file()  # where D sees "fake" in the samples
 
     args = [
         "sample",
@@ -132,7 +134,12 @@ def test_ablate(tmp_path):
         "attention_noise+hierarchical",
     ):
         assert (root / results["figures"][name]).is_file(), name
-    assert "XAI-guided diffusion: ablation" in (root / "report.html").read_text()
+    html = (root / "report.html").read_text()
+    assert "XAI-guided diffusion: ablation" in html
+    assert "fake_saliency_noise_hierarchical.png" in html and "fake_saliency_baseline" not in html
+    (root / "report.html").unlink()
+    assert runner.invoke(app, ["report", str(root)]).exit_code == 0
+    assert (root / "report.html").is_file()
     assert (root / "results.csv").read_text().startswith("run,variant,loss_weighting")
     assert "FID (offline shapes-classifier features)" in out.output
 

@@ -103,11 +103,18 @@ def sample(
         Path | None, typer.Option("--checkpoint", help="A checkpoint folder of the run.")
     ] = None,
     device: DeviceOption = "auto",
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain/--no-explain", help="Also write saliency.png: where the run's D sees 'fake'."
+        ),
+    ] = True,
 ) -> None:
     """Sample images from a trained run: a PNG grid plus PNGs or one .safetensors tensor.
 
     EMA weights, isotropic N(0, I) start, generated batch by batch; optional Discriminator
-    Guidance with the run's D and saliency attention maps for the attention variants.
+    Guidance with the run's D and saliency attention maps for the attention variants. Runs with a
+    discriminator also get saliency.png: samples over D's fake-score saliency.
     """
     import torch
     from safetensors.torch import save_file
@@ -181,7 +188,19 @@ def sample(
             "checkpoint": str(loaded.checkpoint),
         }
         save_file({"images": torch.cat(stored)}, out / "samples.safetensors", metadata=meta)
-    typer.echo(json.dumps({"out": str(out), "images": count, "checkpoint": str(loaded.checkpoint)}))
+    result = {"out": str(out), "images": count, "checkpoint": str(loaded.checkpoint)}
+    if explain and loaded.discriminator is not None:
+        from genxai.jobs.diffusion import fake_saliency_figure
+
+        path = fake_saliency_figure(
+            loaded.discriminator,
+            grid_images[:32] * 2 - 1,
+            out / "saliency.png",
+            method=cfg.guidance.saliency_method,
+            **saliency_options(cfg, loaded.discriminator),
+        )
+        result["saliency"] = str(path)
+    typer.echo(json.dumps(result))
 
 
 def _stored_batches(path: Path, batch_size: int, channels: int) -> Iterator:

@@ -94,18 +94,22 @@ def explain(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Folder of an explain or demo run.")],
+    run_dir: Annotated[Path, typer.Argument(help="Folder of an explain, demo or ablate run.")],
     embed: Annotated[
         bool, typer.Option("--embed/--link", help="Inline the images (one portable file).")
     ] = False,
     max_images: Annotated[int, typer.Option("--max-images", help="Rows of the image grid.")] = 24,
 ) -> None:
     """Build RUN_DIR/report.html: the image x method grid, the metric table and the run config."""
+    from genxai.jobs.diffusion import write_ablation_report
     from genxai.jobs.explain import explain_sections
     from genxai.report.html import build_report
 
     try:
-        path = build_report(run_dir, explain_sections(run_dir, max_images=max_images), embed=embed)
+        if (run_dir / "results.json").is_file():  # a `genxai ablate` folder
+            path = write_ablation_report(run_dir, embed=embed)
+        else:
+            path = build_report(run_dir, explain_sections(run_dir, max_images=max_images), embed=embed)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from None
     typer.echo(f"wrote {path}")

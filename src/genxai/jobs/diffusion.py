@@ -15,8 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from genxai.diffusion.ablation import run_ablation
 from genxai.diffusion.config import load_experiment
+from genxai.report.figures import grid, overlay, save_png, to_rgb
 from genxai.report.html import Picture, Section, Table, build_report
 
 
@@ -101,6 +105,15 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
     ]
     if attention:
         sections.append(Section("Attention maps per UNet level", images=attention))
+    judged = sorted(root.glob("fake_saliency_*.png"))
+    if judged:
+        sections.append(
+            Section(
+                "Where the trained discriminator sees 'fake' in final samples",
+                text="Rows alternate: samples of the run's final EMA model, then D's fake-score saliency over them.",
+                images=[Picture(p.resolve(), p.stem.removeprefix("fake_saliency_")) for p in judged],
+            )
+        )
     config_file = root / "ablation.yaml"
     if config_file.is_file():
         from omegaconf import OmegaConf
@@ -111,8 +124,73 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
     return sections
 
 
+def fake_saliency_figure(
+    discriminator: nn.Module,
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    method: str = "saliency",
+    columns: int = 8,
+    **method_kwargs: Any,
+) -> Path:
+    """Where D sees "fake" in generated ``images`` (in [-1, 1]): rows of sample / saliency overlay.
+
+    The saliency is D's fake-score attribution (``genxai.diffusion.guidance.saliency``), the same
+    map Process2 turns into noise weights during training.
+    """
+    from genxai.diffusion.guidance import saliency
+
+    images = images[: 4 * columns]
+    device = next(discriminator.parameters()).device
+    maps = saliency(discriminator, images.to(device), None, method, **method_kwargs).cpu()
+    pictures = to_rgb(((images.float().cpu() + 1) / 2).clamp(0, 1))
+    overlays = overlay(pictures, maps, cmap="inferno")
+    n = len(pictures) - len(pictures) % columns or len(pictures)
+    cols = min(columns, n)
+    rows = [torch.stack([pictures[i : i + cols], overlays[i : i + cols]]) for i in range(0, n, cols)]
+    tiles = torch.cat(rows)  # (2 * row count, cols, 3, H, W): each sample row, then its saliency row
+    return save_png(grid(tiles), path, min_size=256)
+
+
+def explain_final_samples(root: str | Path, results: dict[str, Any], *, num_images: int = 16) -> list[Path]:
+    """For every run with a discriminator: fresh samples of its final EMA model and where its D
+    sees "fake" in them, as ``root/fake_saliency_<run>.png``."""
+    from genxai.diffusion.trainer import generate, load_run, saliency_options
+
+    written = []
+    for label, run in results["runs"].items():
+        loaded = load_run(run["run_dir"])
+        if loaded.discriminator is None:
+            continue
+        cfg = loaded.cfg
+        shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
+        images = next(
+            generate(
+                lambda x_t, t, unet=loaded.unet: unet(x_t, t),
+                loaded.schedule,
+                num_images,
+                shape,
+                batch_size=num_images,
+                steps=cfg.sample.steps,
+                seed=cfg.seed,
+            )
+        )
+        name = label.replace("+", "_")
+        written.append(
+            fake_saliency_figure(
+                loaded.discriminator,
+                images * 2 - 1,
+                Path(root) / f"fake_saliency_{name}.png",
+                method=cfg.guidance.saliency_method,
+                **saliency_options(cfg, loaded.discriminator),
+            )
+        )
+    return written
+
+
 def write_ablation_report(root: str | Path, *, embed: bool = False) -> Path:
-    """``root/report.html`` for an ablation folder."""
+    """``root/report.html`` for an ablation folder (D's saliency on fresh final samples included)."""
+    explain_final_samples(root, load_results(root))
     return build_report(
         root, ablation_sections(root), title=f"genxai ablation: {Path(root).resolve().name}", embed=embed
     )
@@ -127,4 +205,6 @@ def run_diffusion_demo(
 ) -> dict[str, Any]:
     """The demo's diffusion part: the shipped demo config's variants, trained side by side in ``out``."""
     cfg = load_experiment(config, list(overrides))
-    return run_ablation(cfg, variants=variants, out_dir=Path(out))
+    results = run_ablation(cfg, variants=variants, out_dir=Path(out))
+    explain_final_samples(out, results)
+    return results
