@@ -130,8 +130,11 @@ def demo(
         bool, typer.Option("--diffusion/--no-diffusion", help="Run the XAI-guided diffusion part first.")
     ] = True,
 ) -> None:
-    """The main job at toy scale: XAI-guided diffusion (baseline vs noise+hierarchical), then a small
-    CNN on the bundled shapes explained with every method; one HTML report (a few CPU minutes)."""
+    """The main job at toy scale, a few CPU minutes: XAI-guided diffusion, then every explanation method.
+
+    Trains the demo diffusion config as the baseline and the noise+hierarchical variant on the same
+    budget and seeds, then a small CNN on the bundled shapes explained with every method; one report.
+    """
     from genxai.jobs.demo import run_demo
 
     try:
