@@ -20,10 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``cls`` from its defaults, then the YAML file at ``path``, then dotted ``overrides``."""
+def load_config(cls: type[T] | T, path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from its defaults (or a dataclass instance from its values), then the YAML
+    file at ``path``, then dotted ``overrides``."""
     if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"cls: expected a dataclass type, got {cls!r}")
+        raise TypeError(f"cls: expected a dataclass type or instance, got {cls!r}")
     base = OmegaConf.structured(cls)
     layers = [base]
     if path is not None:

@@ -94,6 +94,19 @@ def test_explain_target_layer_and_no_metrics(workspace, tmp_path):
     assert json.loads((out / "config.json").read_text())["layer"] == "layer2"
 
 
+def test_explain_config_file_and_dotted_overrides(workspace, tmp_path):
+    config = tmp_path / "explain.yaml"
+    config.write_text("methods: [gradcam, rise]\nmetrics: false\noptions:\n  rise: {masks: 40}\n")
+    out = tmp_path / "run"
+    result = explain(workspace, out, "--config", str(config), "options.rise.masks=24", "curve_steps=8")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["methods"] == ["gradcam", "rise"] and saved["options"] == {"rise": {"masks": 24}}
+    assert saved["curve_steps"] == 8 and saved["metrics"] is False
+    result = explain(workspace, tmp_path / "bad", "size=big")
+    assert result.exit_code == 2 and "size" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -21,7 +21,9 @@ def _fail(err: Exception) -> typer.Exit:
 
 @app.command()
 def explain(
-    images: Annotated[Path, typer.Option("--images", "-i", help="Folder of images (searched recursively).")],
+    images: Annotated[
+        Path | None, typer.Option("--images", "-i", help="Folder of images (searched recursively).")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/explain"),
     model: Annotated[
         str, typer.Option("--model", "-m", help="torchvision model name or genxai checkpoint folder.")
@@ -59,18 +61,31 @@ def explain(
     cmap: Annotated[
         str, typer.Option("--cmap", help="Colormap of the overlays (jet, inferno, ...).")
     ] = "jet",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="YAML of run settings (ExplainConfig fields), applied over the options."
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Dotted key=value overrides, last, e.g. options.rise.masks=1000 methods=[gradcam,rise]."
+        ),
+    ] = None,
 ) -> None:
     """Explain a classifier's decisions on a folder of images: overlays, raw maps, metrics, report.
 
     Many images: `accelerate launch --multi_gpu --num_processes N -m genxai.cli explain ...` runs N processes, each explaining its share (add --device cpu to run them on CPUs).
     """
+    from genxai.config import load_config
     from genxai.jobs.explain import ExplainConfig, run_explain
 
     cfg = ExplainConfig(
         model=model,
         weights=str(weights) if weights else None,
         classes=classes,
-        images=str(images),
+        images=str(images) if images else "",
         out=str(out),
         methods=list(method or ["gradcam"]),
         layer=layer,
@@ -83,6 +98,10 @@ def explain(
         cmap=cmap,
     )
     try:
+        if config is not None or overrides:
+            cfg = load_config(cfg, config, overrides or [])
+        if not cfg.images:
+            raise ValueError("--images: a folder of images is required (or images: in --config)")
         run_dir = run_explain(cfg)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from None
