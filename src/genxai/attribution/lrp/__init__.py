@@ -8,7 +8,7 @@ with EpsilonPlus().context(model) as m:        # the rules live only inside the 
     rel, = torch.autograd.grad(out, x, seed)
 """
 
-from genxai.attribution.lrp.canonizers import Canonizer, MergeBatchNorm
+from genxai.attribution.lrp.canonizers import Canonizer, MergeBatchNorm, ResNetCanonizer, Sum
 from genxai.attribution.lrp.composites import (
     Composite,
     EpsilonAlpha2Beta1,
@@ -52,7 +52,9 @@ __all__ = [
     "Pass",
     "Relevance",
     "RelevanceCAM",
+    "ResNetCanonizer",
     "Rule",
+    "Sum",
     "WSquare",
     "ZBox",
     "ZPlus",

@@ -7,22 +7,31 @@ BatchNorm the identity, so the model computes the same function and the rules se
 
 ``with canonizer.apply(model):`` makes the change; leaving the block, however it is left, puts the
 original Parameter objects back (untouched, so bitwise equal) and the BatchNorm's own forward.
+
+A residual addition (``out += identity`` in a torchvision ResNet block) is no module, so no rule
+sees it and plain gradient splits its relevance equally between the two branches.
+:class:`ResNetCanonizer` routes it through a :class:`Sum` module, which the composites give the
+:class:`~genxai.attribution.lrp.rules.Norm` rule: each branch gets relevance in proportion to its
+contribution to the sum (as zennit's ``ResNetCanonizer``, without its BatchNorm merging).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
 from itertools import pairwise
 from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from genxai.attribution.lrp.rules import LINEAR_LAYERS, replace_forward
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+RESNET_BLOCKS = (BasicBlock, Bottleneck)
 
 
 class Canonizer:
@@ -117,4 +126,58 @@ class MergeBatchNorm(Canonizer):
         with ExitStack() as stack:
             for layer, norm in self.pairs(model):
                 stack.enter_context(merge_batch_norm(layer, norm, names.get(norm, "")))
+            yield model
+
+
+class Sum(nn.Module):
+    """The sum over ``dim``: a residual addition as a module, so a composite can give it a rule."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sum(x, dim=self.dim)
+
+
+def _residual(block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``relu(shortcut(x) + out)``, the addition done by the block's ``canonizer_sum``."""
+    identity = x if block.downsample is None else block.downsample(x)
+    return block.relu(block.canonizer_sum(torch.stack([identity, out], dim=-1)))
+
+
+def _basic_block_forward(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    out = block.relu(block.bn1(block.conv1(x)))
+    return _residual(block, x, block.bn2(block.conv2(out)))
+
+
+def _bottleneck_forward(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    return _residual(block, x, block.bn3(block.conv3(out)))
+
+
+@contextmanager
+def sum_residual(block: nn.Module) -> Iterator[nn.Module]:
+    """Give a torchvision BasicBlock/Bottleneck a ``canonizer_sum`` submodule and a forward using it."""
+    if "canonizer_sum" in block._modules:
+        raise ValueError("model: a ResNet block already has a 'canonizer_sum' (canonizer applied twice?)")
+    forward = _bottleneck_forward if isinstance(block, Bottleneck) else _basic_block_forward
+    block._modules["canonizer_sum"] = Sum()
+    try:
+        with replace_forward(block, partial(forward, block)):
+            yield block
+    finally:
+        block._modules.pop("canonizer_sum", None)
+
+
+class ResNetCanonizer(Canonizer):
+    """Route the residual sum of every torchvision ResNet BasicBlock/Bottleneck through a :class:`Sum`
+    module (see the module docstring). Combine with :class:`MergeBatchNorm` for the BatchNorms."""
+
+    @contextmanager
+    def apply(self, model: nn.Module) -> Iterator[nn.Module]:
+        with ExitStack() as stack:
+            for block in [m for m in model.modules() if isinstance(m, RESNET_BLOCKS)]:
+                stack.enter_context(sum_residual(block))
             yield model

@@ -6,7 +6,8 @@ A :class:`Composite` matches every module, in definition order, against
 2. ``first``: (types, rule) pairs given to the first module of a listed type only (the input layer);
 3. ``type_map``: (types, rule) pairs;
 4. the defaults (unless ``defaults=False``): activations pass relevance through, average pooling
-   uses :class:`Norm`, BatchNorm passes through (merge it first with a canonizer).
+   and residual sums (:class:`~genxai.attribution.lrp.canonizers.Sum`) use :class:`Norm`,
+   BatchNorm passes through (merge it first with a canonizer).
 
 Modules with no rule (MaxPool, Flatten, Dropout, ...) keep their gradient: for MaxPool that is
 winner-take-all. ``with composite.context(model) as m:`` applies the composite's canonizers and
@@ -22,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from genxai.attribution.lrp.canonizers import Canonizer, check_canonizers
+from genxai.attribution.lrp.canonizers import Canonizer, Sum, check_canonizers
 from genxai.attribution.lrp.rules import (
     AlphaBeta,
     Epsilon,
@@ -87,7 +88,11 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def default_map(stabilizer: float = 1e-6) -> list[tuple[Types, Rule]]:
     """Rules every built-in composite shares (as zennit's base layer map)."""
-    return [(ACTIVATIONS, Pass()), (AVERAGE_POOLS, Norm(stabilizer)), (BATCH_NORMS, Pass())]
+    return [
+        (ACTIVATIONS, Pass()),
+        ((Sum, *AVERAGE_POOLS), Norm(stabilizer)),
+        (BATCH_NORMS, Pass()),
+    ]
 
 
 def _pairs(rule_map: RuleMap | None, name: str) -> list[tuple[Types, Rule]]:
@@ -117,7 +122,8 @@ class Composite:
         name_map: ``{"features.0": Flat()}``: dotted names (as ``model.named_modules()``) -> rules.
         first: (types, rule) pairs for the first layer of those types, e.g. ``[(nn.Conv2d, ZBox(0, 1))]``.
         canonizers: applied before the rules, e.g. ``[MergeBatchNorm()]``.
-        defaults: also apply :func:`default_map` (Pass for activations and BatchNorm, Norm for pooling).
+        defaults: also apply :func:`default_map` (Pass for activations and BatchNorm, Norm for
+            pooling and Sum).
     """
 
     def __init__(

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from genxai.attribution.base import Attribution, LayerAttribution, register
-from genxai.attribution.lrp.canonizers import Canonizer, MergeBatchNorm, check_canonizers
+from genxai.attribution.lrp.canonizers import (
+    RESNET_BLOCKS,
+    Canonizer,
+    MergeBatchNorm,
+    ResNetCanonizer,
+    check_canonizers,
+)
 from genxai.attribution.lrp.composites import Composite, get_composite
 from genxai.core.engine import autocast_context
 from genxai.core.hooks import TraceDict
@@ -106,12 +112,17 @@ def relevance(
 def default_canonizers(
     model: nn.Module, composite: Composite, canonizers: Sequence[Canonizer] | None
 ) -> list[Canonizer]:
-    """The canonizers given; for None, BatchNorm merging when the model has BatchNorm and the
-    composite brings no canonizers of its own."""
+    """The canonizers given; for None, when the composite brings no canonizers of its own,
+    BatchNorm merging if the model has BatchNorm and residual sums if it has torchvision ResNet blocks."""
     if canonizers is not None or composite.canonizers:
         return check_canonizers(canonizers)
-    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return [MergeBatchNorm()] if has_norm else []
+    modules = list(model.modules())
+    chosen: list[Canonizer] = []
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        chosen.append(MergeBatchNorm())
+    if any(isinstance(m, RESNET_BLOCKS) for m in modules):
+        chosen.append(ResNetCanonizer())
+    return chosen
 
 
 @register("lrp")
@@ -121,8 +132,9 @@ class LRP(Attribution):
     Args:
         composite: which rule each layer gets (default :class:`EpsilonPlus`); a Composite or a name
             ('epsilon-plus', 'epsilon-alpha2-beta1', 'epsilon-plus-flat').
-        canonizers: model rewrites applied first; default (None): ``[MergeBatchNorm()]`` when the
-            model has BatchNorm layers and the composite has no canonizers; pass ``[]`` for none.
+        canonizers: model rewrites applied first; default (None): ``MergeBatchNorm()`` when the
+            model has BatchNorm layers and ``ResNetCanonizer()`` when it has torchvision ResNet
+            blocks, unless the composite has canonizers; pass ``[]`` for none.
     """
 
     def __init__(
