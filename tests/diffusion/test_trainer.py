@@ -49,15 +49,6 @@ def tiny(tmp_path: Path, *extra: str) -> ExperimentConfig:
     return load_experiment(ROOT / "configs" / "demo.yaml", [*TINY, f"out_dir={tmp_path}", *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes8():
     return get_dataset("shapes", size=8, n=64, seed=0)
@@ -225,12 +216,15 @@ def _free_port() -> int:
 DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from pathlib import Path
     from genxai.diffusion.config import load_experiment
     from genxai.diffusion.trainer import Trainer
-    trainer = Trainer(load_experiment(sys.argv[1], sys.argv[2:]))
+    trainer = Trainer(load_experiment(sys.argv[2], sys.argv[3:]))
     summary = trainer.fit()
     p = next(trainer.accelerator.unwrap_model(trainer.unet).parameters()).detach().flatten()[:4].tolist()
-    print("RESULT", json.dumps({"rank": trainer.rank, "world": trainer.world, "param": p, **summary}), flush=True)
+    # One file per rank: the two processes share stdout, where their lines can interleave.
+    result = {"rank": trainer.rank, "world": trainer.world, "param": p, **summary}
+    Path(sys.argv[1], f"result-{trainer.rank}.json").write_text(json.dumps(result))
     """
 )
 
@@ -253,14 +247,14 @@ def test_two_processes_with_accelerate_launch(tmp_path):
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*cmd, str(script), str(ROOT / "configs" / "demo.yaml"), *overrides],
+        [*cmd, str(script), str(tmp_path), str(ROOT / "configs" / "demo.yaml"), *overrides],
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result-*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
     assert results[0]["param"] == results[1]["param"]  # gradients were averaged: same weights everywhere
     assert all(r["processes"] == 6 for r in results)
