@@ -48,9 +48,7 @@ def layer_forward(
         autocast_context(x.device, autocast),
     ):
         output = model(x)
-    if trace.output is None:
-        raise ValueError(f"layer: {layer!r} was not called during the forward pass")
-    return output, trace.output.detach().float()
+    return output, trace.require_output().detach().float()
 
 
 class BaseCAM(LayerAttribution):

@@ -66,9 +66,7 @@ def forward_backward(
         inputs = x.detach().requires_grad_(input_grad)
         with autocast_context(x.device, autocast):
             output = model(inputs)
-        for name in traced:
-            if traces[name].output is None:
-                raise ValueError(f"layer: {name!r} was not called during the forward pass")
+        traces.require_outputs()
         scored = traces[target.layer].output if target.layer else output
         scores = evaluate(target, scored, n).float()
         wrt = ([inputs] if input_grad else []) + [traces[name].output for name in layers]

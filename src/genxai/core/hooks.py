@@ -137,6 +137,12 @@ class Trace(AbstractContextManager):
             raise StopForward(self.name)
         return output
 
+    def require_output(self) -> torch.Tensor:
+        """The retained output, or a clear error when the layer never ran in the forward pass."""
+        if self.output is None:
+            raise ValueError(f"layer: {self.name!r} was not called during the forward pass")
+        return self.output
+
     def close(self) -> None:
         self._handle.remove()
 
@@ -194,6 +200,10 @@ class TraceDict(AbstractContextManager):
     def items(self):
         return self.traces.items()
 
+    def require_outputs(self) -> dict[str, torch.Tensor]:
+        """Every layer's retained output; a clear error names the first layer that never ran."""
+        return {name: trace.require_output() for name, trace in self.traces.items()}
+
     def outputs(self) -> dict[str, torch.Tensor]:
         return {name: trace.output for name, trace in self.traces.items()}
 
@@ -213,6 +223,4 @@ def run_until(model: nn.Module, layer: str | nn.Module, *args: Any, **kwargs: An
     """Run ``model`` only as far as ``layer`` and return that layer's output."""
     with Trace(model, layer, stop=True) as trace:
         model(*args, **kwargs)
-    if trace.output is None:
-        raise ValueError(f"layer: {trace.name!r} was not called during the forward pass")
-    return trace.output
+    return trace.require_output()

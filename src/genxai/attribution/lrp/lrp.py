@@ -84,9 +84,7 @@ def relevance(
         inputs = x.detach().requires_grad_(True)
         with autocast_context(x.device, autocast):
             output = model(inputs)
-        for name in traced:
-            if traces[name].output is None:
-                raise ValueError(f"layer: {name!r} was not called during the forward pass")
+        traces.require_outputs()
         scored = traces[target.layer].output if target.layer else output
         target = target.bind(scored)
         scores = evaluate(target, scored, n)
