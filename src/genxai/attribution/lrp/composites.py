@@ -25,6 +25,8 @@ from torch import nn
 
 from genxai.attribution.lrp.canonizers import Canonizer, Sum, check_canonizers
 from genxai.attribution.lrp.rules import (
+    CONVOLUTIONS,
+    DENSE,
     AlphaBeta,
     Epsilon,
     Flat,
@@ -42,15 +44,6 @@ from genxai.core.registry import Registry
 Types = type | tuple[type, ...]
 RuleMap = Mapping[Types, Rule] | Sequence[tuple[Types, Rule]]
 
-CONVOLUTIONS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-DENSE = (nn.Linear,)
 ACTIVATIONS = (
     nn.ELU,
     nn.Hardshrink,

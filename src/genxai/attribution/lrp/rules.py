@@ -31,9 +31,7 @@ from genxai.core.checks import check_in_range
 
 Modifier = Callable[[torch.Tensor], torch.Tensor]
 
-# Layers whose weight and bias a rule may rewrite (the linear maps LRP's rules are defined on).
-LINEAR_LAYERS = (
-    nn.Linear,
+CONVOLUTIONS = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -41,6 +39,9 @@ LINEAR_LAYERS = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+DENSE = (nn.Linear,)
+# Layers whose weight and bias a rule may rewrite (the linear maps LRP's rules are defined on).
+LINEAR_LAYERS = DENSE + CONVOLUTIONS
 
 
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
