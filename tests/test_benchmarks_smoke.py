@@ -23,16 +23,8 @@ def load(name: str):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.peers
-def test_diffusion_benchmark_runs(one_thread, capsys):
+def test_diffusion_benchmark_runs(capsys):
     pytest.importorskip("diffusers")
     argv = "--device cpu --size 8 --base 32 --mults 1,2 --batch 2 --d-base 8 --repeats 1 --no-memory"
     bench = load("diffusion")
@@ -47,7 +39,7 @@ def test_diffusion_benchmark_runs(one_thread, capsys):
     assert bench.peak_memory_mib(lambda: torch.ones(4 << 20), torch.device("cpu")) >= 0
 
 
-def test_attribution_benchmark_runs(one_thread, capsys):
+def test_attribution_benchmark_runs(capsys):
     bench = load("attribution")
     bench.main(
         ["--size", "32", "--batch", "2", "--repeats", "1", "--no-memory", "--methods", "saliency,gradcam"]

@@ -21,15 +21,6 @@ from genxai.evaluation.fid import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CNNs run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes():
     return get_dataset("shapes", size=16, n=384, seed=3)
