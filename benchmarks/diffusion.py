@@ -219,32 +219,32 @@ def make_trainer(
 
 
 def phase_a(trainer: Trainer, x0: torch.Tensor) -> Callable[[], None]:
-    """Process1, then one D update on its x0_hat (as ``Trainer.train_iteration`` in phase A)."""
+    """Process1, then one D update on its x0_hat (as ``GuidedDiffusionStep`` in phase A)."""
 
     def step() -> None:
-        _, t, x0_hat = trainer.process(x0)
-        trainer.discriminator_step(x0, x0_hat, t)
+        _, t, x0_hat = trainer.step.process(x0)
+        trainer.step.discriminator_step(x0, x0_hat, t)
 
     return step
 
 
 def phase_b(trainer: Trainer, x0: torch.Tensor) -> Callable[[], None]:
-    """Process1, saliency + noise weight on its x0_hat, Process2 (as ``Trainer.train_iteration`` in phase B)."""
+    """Process1, saliency + noise weight on its x0_hat, Process2 (as ``GuidedDiffusionStep`` in phase B)."""
 
     def step() -> None:
-        _, t, x0_hat = trainer.process(x0)
-        s, w = trainer.saliency_and_weight(x0_hat, t)
+        _, t, x0_hat = trainer.step.process(x0)
+        s, w = trainer.step.saliency_and_weight(x0_hat, t)
         maps = s if trainer.cfg.attention_maps != "none" else None
-        trainer.process(x0, weight=w, saliency_map=maps)
+        trainer.step.process(x0, weight=w, saliency_map=maps)
 
     return step
 
 
 def saliency_only(trainer: Trainer, x0: torch.Tensor) -> Callable[[], None]:
     """The saliency of D on a fixed x0_hat and its noise weight (the guidance machinery alone)."""
-    t = torch.randint(0, trainer.t_max, (x0.shape[0],), device=x0.device)
+    t = torch.randint(0, trainer.cfg.saliency_max_t + 1, (x0.shape[0],), device=x0.device)
     x0_hat = (x0 + 0.1 * torch.randn_like(x0)).clamp(-1, 1)
-    return lambda: trainer.saliency_and_weight(x0_hat, t)
+    return lambda: trainer.step.saliency_and_weight(x0_hat, t)
 
 
 def guided_cases(args: argparse.Namespace, device: torch.device, out_dir: str) -> list[Case]:
@@ -268,7 +268,7 @@ def guided_cases(args: argparse.Namespace, device: torch.device, out_dir: str) -
 
 def print_guided(cases: list[Case], args: argparse.Namespace) -> list[dict]:
     print(
-        "\n## 2. Cost of XAI guidance per Process (Trainer.process / discriminator_step / saliency_and_weight)"
+        "\n## 2. Cost of XAI guidance per Process (GuidedDiffusionStep.process / discriminator_step / saliency_and_weight)"
     )
     print(
         f"D base {args.d_base}; 'x Process1' = time per Process (saliency row: per call) over the "

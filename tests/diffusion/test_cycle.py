@@ -32,18 +32,7 @@ def test_scaled_counts_yield_a_then_b_per_cycle():
     assert done == c.total_processes == 5 * (2 + 2 * 4) == c.processes_done(30)
 
 
-def test_iteration_at_process_inverts_processes_done():
-    c = CycleSchedule(2, 4, 3)
-    for i in range(c.total_iterations + 1):
-        assert c.iteration_at_process(c.processes_done(i)) == i
-
-
-def test_scaled_plan_and_demo_sizes():
-    c = CycleSchedule.scaled(0.01)
-    assert (c.phase_a, c.phase_b, c.cycles) == (200, 400, 5)
-    assert c.total_processes == 5_000
-    tiny = CycleSchedule.scaled(1e-6, cycles=2)
-    assert (tiny.phase_a, tiny.phase_b, tiny.total_processes) == (1, 1, 6)
+def test_a_cycle_without_phase_a_starts_in_b():
     assert CycleSchedule(0, 3, 1).phase(0) == "B"
 
 

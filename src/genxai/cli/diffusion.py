@@ -47,6 +47,9 @@ def _device(name: str) -> str:
     return name
 
 
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+
+
 @app.command()
 def train(config: ConfigOption, overrides: Overrides = None) -> None:
     """Train one variant of an experiment config (resumes the run folder's newest checkpoint).
@@ -59,17 +62,35 @@ def train(config: ConfigOption, overrides: Overrides = None) -> None:
 
     try:
         trainer = Trainer(load_experiment(config, overrides or []))
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        raise _fail(err) from None
-    try:
         summary = trainer.fit()
     except NonFiniteLossError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1) from None
+    except USER_ERRORS as err:
+        raise _fail(err) from None
     if trainer.is_main:
         if summary["status"] == "interrupted":
             typer.echo(f"interrupted: saved {summary['checkpoint']}; run the same command to resume")
         typer.echo(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
+
+
+def _check_sampling(
+    cfg, n: int | None, batch_size: int | None, sampler: str | None, steps: int | None, eta: float | None
+) -> None:
+    """The sampling options against the run (0 is an error, not "the default")."""
+    from genxai.core.checks import check_choice, check_positive_int
+    from genxai.diffusion.sampling import SAMPLERS
+
+    if n is not None:
+        check_positive_int(n, "--n")
+    if batch_size is not None:
+        check_positive_int(batch_size, "--batch-size")
+    if sampler is not None:
+        check_choice(sampler, "--sampler", SAMPLERS)
+    if steps is not None and not 1 <= steps <= cfg.schedule.num_timesteps:
+        raise ValueError(f"--steps: expected 1 <= steps <= {cfg.schedule.num_timesteps} (T), got {steps}")
+    if eta is not None and not eta >= 0:
+        raise ValueError(f"--eta: expected a number >= 0, got {eta}")
 
 
 @app.command()
@@ -121,16 +142,19 @@ def sample(
     from torchvision.utils import save_image
 
     from genxai.diffusion.guidance import DiscriminatorGuidance
-    from genxai.diffusion.trainer import generate, load_run, model_fn_for, saliency_options
+    from genxai.diffusion.pipeline import load_run, sample_run
 
     if fmt not in ("png", "safetensors"):
         raise _fail(ValueError(f"--format: expected png or safetensors, got {fmt!r}"))
     try:
         loaded = load_run(run, checkpoint_path=checkpoint, use_ema=ema, device=_device(device))
-    except (ValueError, FileNotFoundError) as err:
+        cfg = loaded.cfg
+        _check_sampling(cfg, n, batch_size, sampler, steps, eta)
+        if saliency_every is not None and saliency_every < 0:
+            raise ValueError(f"--saliency-every: expected an integer >= 0, got {saliency_every}")
+    except USER_ERRORS as err:
         raise _fail(err) from None
-    cfg, s = loaded.cfg, loaded.cfg.sample
-    n = n or s.num_images
+    n = n or cfg.sample.num_images
     hook = None
     if guidance:
         if loaded.discriminator is None:
@@ -138,31 +162,20 @@ def sample(
         if not cfg.discriminator.time_aware:
             typer.echo("note: the run's D is not time-aware; guidance uses its judgement of x0_hat", err=True)
         hook = DiscriminatorGuidance(loaded.discriminator, loaded.schedule, guidance, on="x0_hat")
-    every = cfg.guidance.sample_saliency_every if saliency_every is None else saliency_every
-    t_max = max(1, round(cfg.discriminator.t_max * cfg.schedule.num_timesteps))
-    model_fn = model_fn_for(
+    out = out or run / f"samples-{seed}"
+    (out / "images" if fmt == "png" else out).mkdir(parents=True, exist_ok=True)
+    batches = sample_run(
+        cfg,
         loaded.unet,
         loaded.schedule,
         loaded.discriminator,
-        every=every,
-        method=cfg.guidance.saliency_method,
-        max_t=None if cfg.discriminator.time_aware else t_max - 1,
-        **(saliency_options(cfg, loaded.discriminator) if loaded.discriminator is not None else {}),
-    )
-    shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
-    out = out or run / f"samples-{seed}"
-    (out / "images" if fmt == "png" else out).mkdir(parents=True, exist_ok=True)
-    batches = generate(
-        model_fn,
-        loaded.schedule,
-        n,
-        shape,
-        batch_size=batch_size or s.batch_size,
-        sampler=sampler or s.sampler,
-        steps=steps or s.steps,
-        eta=s.eta if eta is None else eta,
+        num_images=n,
         seed=seed,
-        device=loaded.unet.conv_in.weight.device,
+        batch_size=batch_size,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        saliency_every=saliency_every,
         guidance=hook,
         progress=True,
     )
@@ -197,7 +210,7 @@ def sample(
             grid_images[:32] * 2 - 1,
             out / "saliency.png",
             method=cfg.guidance.saliency_method,
-            **saliency_options(cfg, loaded.discriminator),
+            **cfg.guidance.saliency_options,
         )
         result["saliency"] = str(path)
     typer.echo(json.dumps(result))
@@ -264,50 +277,52 @@ def fid(
     Streamed batch by batch. Offline classifier features are named as such in the result: they
     rank runs on the same data and are not comparable to published (Inception) FIDs.
     """
-    from genxai.diffusion.trainer import build_dataset, feature_extractor, generate, image_of, load_run
-    from genxai.evaluation.fid import FID
+    from genxai.core.checks import check_choice, check_positive_int
+    from genxai.diffusion.config import build_dataset
+    from genxai.diffusion.pipeline import load_run, reference_fid, sample_run
+    from genxai.evaluation.fid import FEATURE_KINDS
 
     dev = _device(device)
     try:
         loaded = load_run(run, use_ema=ema, device=dev)
         cfg = loaded.cfg
+        _check_sampling(cfg, n, batch_size, sampler, steps, None)
         if features is not None:
-            cfg.eval.features = features
+            cfg.eval.features = check_choice(features, "--features", FEATURE_KINDS)
         if inception is not None:
+            if not inception.is_file():
+                raise FileNotFoundError(f"--inception: file not found: {inception}")
             cfg.eval.inception = str(inception)
         if classifier is not None:
+            if not classifier.is_file():
+                raise FileNotFoundError(f"--classifier: file not found: {classifier}")
             cfg.eval.classifier = str(classifier)
+        if real_images is not None:
+            check_positive_int(real_images, "--real-images", minimum=0)
+        if samples is not None and not samples.exists():
+            raise FileNotFoundError(f"--samples: no such file or folder: {samples}")
         if data_root is not None:
             cfg.data.root = str(data_root)
         dataset = build_dataset(cfg)
-        metric = FID(feature_extractor(cfg, dataset, dev, run), dev)
-    except (ValueError, FileNotFoundError) as err:
+        size = batch_size or cfg.eval.batch_size
+        metric = reference_fid(cfg, dataset, dev, run, real_images=real_images, batch_size=size)
+    except USER_ERRORS as err:
         raise _fail(err) from None
-    import torch
-
-    e, s = cfg.eval, cfg.sample
-    size = batch_size or e.batch_size
-    limit = real_images if real_images is not None else e.real_images
+    limit = cfg.eval.real_images if real_images is None else real_images
     count = min(len(dataset), limit) if limit else len(dataset)
-    for start in range(0, count, size):
-        metric.update(
-            torch.stack([image_of(dataset[k]) for k in range(start, min(count, start + size))]), real=True
-        )
     if samples is not None:
         fake = _stored_batches(samples, size, cfg.data.channels or 3)
-    else:
-        shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
-        fake = generate(
-            lambda x_t, t: loaded.unet(x_t, t),
+    else:  # as training's evaluation samples: the run's sampler and saliency-conditioned maps
+        fake = sample_run(
+            cfg,
+            loaded.unet,
             loaded.schedule,
-            n or e.num_samples or 1000,
-            shape,
-            batch_size=size,
-            sampler=sampler or s.sampler,
-            steps=steps or s.steps,
-            eta=s.eta,
+            loaded.discriminator,
+            num_images=n or cfg.eval.num_samples or 1000,
             seed=seed,
-            device=dev,
+            batch_size=size,
+            sampler=sampler,
+            steps=steps,
             progress=True,
         )
     generated = 0
@@ -315,7 +330,7 @@ def fid(
         for batch in fake:
             metric.update(batch, real=False)
             generated += len(batch)
-    except FileNotFoundError as err:
+    except USER_ERRORS as err:
         raise _fail(err) from None
     result = {"run": str(run), "real_images": count, "generated_images": generated, **metric.compute()}
     if out is not None:
@@ -352,7 +367,7 @@ def ablate(
         cfg = load_experiment(config, overrides or [])
         names = [v.strip() for v in variants.split(",") if v.strip()]
         results = run_ablation(cfg, variants=names, baselines=baselines, out_dir=out)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         raise _fail(err) from None
     if results["interrupted"]:
         typer.echo("interrupted: the current run saved a checkpoint; run the same command to resume")

@@ -17,6 +17,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from genxai.core.registry import Registry
+from genxai.data.batches import ResumableBatches, collate_images, image_batches, image_of
 from genxai.data.digits import DigitsDataset
 from genxai.data.folders import CIFAR, IMAGE_EXTENSIONS, CelebAHQ, ImageFolderDataset, load_image
 from genxai.data.shapes import BACKGROUNDS, SHAPES, TEXTURES, ShapesDataset, generate_shapes
@@ -98,9 +99,13 @@ __all__ = [
     "CelebAHQ",
     "DigitsDataset",
     "ImageFolderDataset",
+    "ResumableBatches",
     "ShapesDataset",
+    "collate_images",
     "generate_shapes",
     "get_dataset",
+    "image_batches",
+    "image_of",
     "load_image",
     "names",
 ]

@@ -11,9 +11,10 @@ from genxai.diffusion.guidance import (
     noise_weight,
     saliency,
 )
+from genxai.diffusion.pipeline import LoadedRun, load_run, sample_run
 from genxai.diffusion.sampling import SaliencyConditioned, ddim_sample, ddpm_sample
 from genxai.diffusion.schedule import NoiseSchedule
-from genxai.diffusion.trainer import Trainer, load_run
+from genxai.diffusion.trainer import GuidedDiffusionStep, Trainer
 from genxai.diffusion.unet import UNet
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "Discriminator",
     "DiscriminatorGuidance",
     "ExperimentConfig",
+    "GuidedDiffusionStep",
+    "LoadedRun",
     "NoiseSchedule",
     "Position",
     "SaliencyConditioned",
@@ -36,4 +39,5 @@ __all__ = [
     "noise_weight",
     "run_ablation",
     "saliency",
+    "sample_run",
 ]

@@ -7,13 +7,14 @@ loss-weighting baselines ``baseline+min_snr`` / ``baseline+p2``) one after anoth
 own folder under the ablation folder, all with the same seed, data order, Process budget and FID
 features (one offline classifier shared by all runs, or the FID Inception). Then writes:
 
-- ``results.json`` (figure paths relative to the ablation folder): per run its FID (and IS) at every evaluation against Processes and training
+- ``results.json``: per run its FID (and IS) at every evaluation against Processes and training
   time, Processes/s, the paths of its sample grids and snapshots; the D setup used (t_D cutoff or
-  time-aware D); the figure files.
+  time-aware D).
 - ``results.csv``: one row per run, evaluation and metric.
-- ``fid_vs_processes.png``, ``fid_vs_time.png``, ``samples.png`` (final grids side by side),
-  ``maps_<run>.png`` (x0, x0_hat, saliency S and noise weight w of a fixed image over training)
-  and ``attention_<run>.png`` (the per-level attention maps of the attention variants).
+
+This module computes and draws nothing: the figures (FID curves, samples, saliency/noise-weight
+and attention maps) are drawn from these results by :mod:`genxai.report.plots`, which
+:mod:`genxai.jobs.diffusion` calls after the ablation.
 
 Interrupted ablations resume: finished runs are kept, the others continue from their checkpoints.
 """
@@ -23,25 +24,19 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from matplotlib.figure import Figure
-from matplotlib.image import imread
-from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from genxai.config import config_to_dict
-from genxai.diffusion import checkpoint
-from genxai.diffusion.config import VARIANTS, ExperimentConfig, save_experiment
-from genxai.diffusion.trainer import Trainer, build_dataset, total_iterations
+from genxai.diffusion.config import VARIANTS, ExperimentConfig, build_dataset, save_experiment
+from genxai.diffusion.trainer import GuidedDiffusionStep, Trainer
 from genxai.evaluation.fid import find_inception
+from genxai.training import checkpoint
 
 BASELINES = ("min_snr", "p2")
-SAFE = {"+": "_"}  # file names of runs: "noise+same" -> "noise_same"
 
 
 def ablation_runs(
@@ -84,7 +79,7 @@ def ablation_runs(
 
 def is_finished(cfg: ExperimentConfig) -> bool:
     last = checkpoint.latest(cfg.run_dir / "checkpoints")
-    return last is not None and checkpoint.checkpoint_step(last) >= total_iterations(cfg)
+    return last is not None and checkpoint.checkpoint_step(last) >= GuidedDiffusionStep(cfg).total_iterations
 
 
 def run_ablation(
@@ -95,7 +90,7 @@ def run_ablation(
     out_dir: str | Path | None = None,
     dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Train every run (resuming unfinished ones), then write the results table and figures.
+    """Train every run (resuming unfinished ones), then write the results table.
 
     A run stopped by SIGTERM/SIGINT ends the ablation (its checkpoint is saved): the results then
     cover the finished runs and say ``"interrupted": true``; calling again resumes.
@@ -148,34 +143,24 @@ def summarize_run(cfg: ExperimentConfig) -> dict[str, Any]:
 def discriminator_setup(cfg: ExperimentConfig) -> str:
     """Which of the method's two D options the runs used."""
     d, T = cfg.discriminator, cfg.schedule.num_timesteps
-    cutoff = max(1, round(d.t_max * T))
+    cutoff = cfg.saliency_max_t + 1
     if d.time_aware:
-        return f"time-aware D (t as input), fakes from t < {cutoff} of T = {T}"
+        return f"time-aware D (t as input), fakes and saliency from estimates at t < {cutoff} of T = {T}"
     return f"D without t, fakes and saliency only from estimates at t < {cutoff} of T = {T} (t_D cutoff)"
 
 
 def write_results(root: str | Path, runs: dict[str, ExperimentConfig]) -> dict[str, Any]:
-    """``results.json``, ``results.csv`` and the figures for finished ``runs``."""
+    """``results.json`` and ``results.csv`` for finished ``runs``."""
     root = Path(root)
     summaries = {label: summarize_run(run) for label, run in runs.items()}
     metric_names = sorted({name for s in summaries.values() for name in s["final"]})
     fid_name = next((n for n in metric_names if n.startswith("FID")), None)
     first = next(iter(runs.values()))
-    figures = {
-        "fid_vs_processes": _plot_metric(root, summaries, fid_name, "processes", "Processes"),
-        "fid_vs_time": _plot_metric(root, summaries, fid_name, "train_time_s", "training time (s)"),
-        "samples": _plot_samples(root, summaries),
-    }
-    for label, summary in summaries.items():
-        if summary["snapshots"]:
-            figures[f"maps_{label}"] = _plot_maps(root, label, summary["snapshots"])
-            figures[f"attention_{label}"] = _plot_attention(root, label, summary["snapshots"][-1])
-    figures = {k: os.path.relpath(v, root) for k, v in figures.items() if v is not None}  # movable folder
     results = {
         "fid_name": fid_name,
         "metrics": metric_names,
         "budget": {
-            "processes": first.cycle.cycles * (first.cycle.phase_a + 2 * first.cycle.phase_b),
+            "processes": GuidedDiffusionStep(first).total_units,
             "batch_size": first.train.batch_size,
             "seed": first.seed,
             "cycle": config_to_dict(first)["cycle"],
@@ -186,7 +171,6 @@ def write_results(root: str | Path, runs: dict[str, ExperimentConfig]) -> dict[s
             "(w = 1) at sampling time"
         ),
         "runs": summaries,
-        "figures": figures,
         "interrupted": False,
     }
     (root / "results.json").write_text(json.dumps(results, indent=2))
@@ -211,117 +195,3 @@ def write_results(root: str | Path, runs: dict[str, ExperimentConfig]) -> dict[s
                         ]
                     )
     return results
-
-
-# -- figures ---------------------------------------------------------------------------------------
-def _file(label: str) -> str:
-    for old, new in SAFE.items():
-        label = label.replace(old, new)
-    return label
-
-
-def _plot_metric(root: Path, summaries: dict, name: str | None, key: str, xlabel: str) -> str | None:
-    if name is None:
-        return None
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for label, s in summaries.items():
-        points = [(r[key], r["metrics"][name]) for r in s["evals"] if name in r["metrics"]]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(name)
-    ax.set_title(f"{name} against {xlabel}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = root / f"fid_vs_{'processes' if key == 'processes' else 'time'}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
-
-
-def _plot_samples(root: Path, summaries: dict) -> str | None:
-    grids = [(label, s["sample_grids"][-1]) for label, s in summaries.items() if s["sample_grids"]]
-    if not grids:
-        return None
-    fig = Figure(figsize=(3.2 * len(grids), 3.6))
-    axes = fig.subplots(1, len(grids), squeeze=False)
-    for ax, (label, path) in zip(axes[0], grids):
-        ax.imshow(imread(path))
-        ax.set_title(label, fontsize=9)
-        ax.axis("off")
-    path = root / "samples.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
-
-
-def _load_snapshot(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
-
-
-def _image(x: torch.Tensor):
-    """(C, H, W) in [-1, 1] -> an array for imshow."""
-    x = ((x.float() + 1) / 2).clamp(0, 1)
-    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
-
-
-def _plot_maps(root: Path, label: str, snapshots: list[str], rows: int = 6) -> str:
-    """x0, x0_hat, S and w of the first image of the fixed batch, at up to ``rows`` points in training."""
-    picks = (
-        snapshots
-        if len(snapshots) <= rows
-        else [snapshots[round(i * (len(snapshots) - 1) / (rows - 1))] for i in range(rows)]
-    )
-    fig = Figure(figsize=(8, 2.1 * len(picks)))
-    axes = fig.subplots(len(picks), 4, squeeze=False)
-    for row, path in zip(axes, picks):
-        tensors, meta = _load_snapshot(path)
-        panels = [
-            (_image(tensors["x0"][0]), "x0", "gray"),
-            (_image(tensors["x0_hat"][0]), f"x0_hat (t={int(tensors['t'][0])})", "gray"),
-            (tensors["saliency"][0, 0].numpy(), "saliency S", "inferno"),
-            (tensors["weight"][0, 0].numpy(), "noise weight w", "coolwarm"),
-        ]
-        for ax, (data, title, cmap) in zip(row, panels):
-            image = ax.imshow(data, cmap=cmap if data.ndim == 2 else None)
-            if title == "noise weight w":
-                fig.colorbar(image, ax=ax, fraction=0.046)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-        row[0].text(
-            -0.3, 0.5, f"{meta.get('processes', '?')} P", transform=row[0].transAxes, rotation=90, va="center"
-        )
-    fig.suptitle(f"{label}: saliency and noise weight over training (rows: Processes done)", fontsize=9)
-    path = root / f"maps_{_file(label)}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return str(path)
-
-
-def _plot_attention(root: Path, label: str, snapshot: str, images: int = 3) -> str | None:
-    tensors, meta = _load_snapshot(snapshot)
-    levels = sorted((k for k in tensors if k.startswith("attention_level")), key=lambda k: int(k[15:]))
-    if not levels:
-        return None
-    n = min(images, tensors[levels[0]].shape[0])
-    fig = Figure(figsize=(2.2 * (len(levels) + 1), 2.2 * n))
-    axes = fig.subplots(n, len(levels) + 1, squeeze=False)
-    for i in range(n):
-        axes[i][0].imshow(_image(tensors["x0_hat"][i]), cmap="gray")
-        axes[i][0].set_title("x0_hat", fontsize=8)
-        for j, key in enumerate(levels, start=1):
-            a = tensors[key][i, 0]
-            axes[i][j].imshow(a.numpy(), cmap="viridis")
-            axes[i][j].set_title(f"level {key[15:]} ({a.shape[-1]}px)", fontsize=8)
-        for ax in axes[i]:
-            ax.axis("off")
-    fig.suptitle(
-        f"{label}: attention maps per UNet level at {meta.get('processes', '?')} Processes", fontsize=9
-    )
-    path = root / f"attention_{_file(label)}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return str(path)

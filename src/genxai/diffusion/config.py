@@ -1,29 +1,39 @@
-"""Typed configs of an XAI-guided diffusion experiment (YAML + dotted ``key=value`` overrides).
+"""Typed configs of an XAI-guided diffusion experiment (YAML + dotted ``key=value`` overrides),
+and the builders that turn a config into data, networks and a noise schedule.
 
     cfg = load_experiment("configs/demo.yaml", ["train.batch_size=16", "variant=noise+same"])
+    unet, schedule = build_unet(cfg, channels=3), build_schedule(cfg)
 
-Every value has a default here, so a YAML file states only what differs; an unknown key (a typo)
-or a value of the wrong type fails with the key's name. The resolved config is written to each
-run folder as ``config.yaml`` and reloads with :func:`load_experiment`.
+Every value has a default here, so a YAML file states only what differs; an unknown key (a typo),
+a value of the wrong type or out of range fails at load time with the key's name, before any
+long work starts. The resolved config is written to each run folder as ``config.yaml`` and
+reloads with :func:`load_experiment`. Allowed choices come from the modules that implement them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
 
 from genxai.config import load_config, save_config
 from genxai.core.checks import check_choice, check_in_range, check_positive_int
+from genxai.diffusion.discriminator import Discriminator
+from genxai.diffusion.sampling import SAMPLERS
+from genxai.diffusion.schedule import BETA_SCHEDULES, LOSS_WEIGHTS, NoiseSchedule
+from genxai.diffusion.unet import TIME_EMBEDDINGS, UNet
+from genxai.evaluation.fid import FEATURE_KINDS
 
 VARIANTS = ("baseline", "noise", "noise+same", "noise+hierarchical")
-ATTENTION_MAPS = {
+VARIANT_MAPS = {  # which UNet attention maps (unet.ATTENTION_MAPS) each variant trains
     "baseline": "none",
     "noise": "none",
     "noise+same": "same",
     "noise+hierarchical": "hierarchical",
 }
-LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
 
 
 @dataclass
@@ -44,7 +54,7 @@ class ScheduleConfig:
     """The forward process q(x_t | x0) (DDPM: linear betas 1e-4..0.02 over T = 1000)."""
 
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
+    beta_schedule: str = "linear"  # one of schedule.BETA_SCHEDULES
     beta_start: float = 1e-4
     beta_end: float = 0.02
 
@@ -97,6 +107,11 @@ class GuidanceConfig:
     w_max: float = 2.0
     anneal: bool = False
     sample_saliency_every: int = 0
+
+    @property
+    def saliency_options(self) -> dict[str, Any]:
+        """Options of the saliency method beyond its name (D's layer for layer methods)."""
+        return {"layer": self.saliency_layer} if self.saliency_layer else {}
 
 
 @dataclass
@@ -186,50 +201,186 @@ class ExperimentConfig:
 
     @property
     def attention_maps(self) -> str:
-        return ATTENTION_MAPS[self.variant]
+        return VARIANT_MAPS[self.variant]
 
     @property
     def guided(self) -> bool:
         """True for the XAI-guided variants (D, saliency, Process2)."""
         return self.variant != "baseline"
 
+    @property
+    def saliency_max_t(self) -> int:
+        """The largest t whose estimate x0_hat trains D and gets a saliency map: t < t_max * T.
+
+        Training (D's fakes, Process2's saliency) and sampling (``sample_saliency_every``) use the
+        same cutoff, also for a time-aware D; set ``discriminator.t_max: 1.0`` to use every t.
+        """
+        return max(1, round(self.discriminator.t_max * self.schedule.num_timesteps)) - 1
+
+
+def _positive(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+
+
+def _int_list(values: Any, name: str, *, empty: bool = False) -> None:
+    if not empty and not values:
+        raise ValueError(f"{name}: expected a non-empty list of integers >= 1, got {values!r}")
+    for value in values:
+        check_positive_int(value, f"{name}[]")
+
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Reject values no run can use, naming the key."""
+    """Reject every value no run can use, naming the key (data-dependent checks: the trainer)."""
+    from genxai.attribution import METHODS
+    from genxai.data import names as dataset_names
+
     check_choice(cfg.variant, "variant", VARIANTS)
-    check_choice(cfg.schedule.beta_schedule, "schedule.beta_schedule", ("linear", "cosine"))
-    check_positive_int(cfg.schedule.num_timesteps, "schedule.num_timesteps", minimum=2)
-    check_positive_int(cfg.data.image_size, "data.image_size", minimum=4)
-    if cfg.data.channels is not None:
-        check_positive_int(cfg.data.channels, "data.channels")
-    check_choice(
-        cfg.model.time_embedding, "model.time_embedding", ("sinusoidal", "fourier", "random_fourier")
-    )
-    if not 0.0 < cfg.discriminator.t_max <= 1.0:
+    check_positive_int(cfg.seed, "seed", minimum=0)
+    d = cfg.data
+    check_choice(d.name, "data.name", dataset_names())
+    check_positive_int(d.image_size, "data.image_size", minimum=4)
+    if d.channels is not None:
+        check_positive_int(d.channels, "data.channels")
+    check_positive_int(d.num_workers, "data.num_workers", minimum=0)
+    if d.limit is not None:
+        check_positive_int(d.limit, "data.limit")
+
+    s = cfg.schedule
+    check_positive_int(s.num_timesteps, "schedule.num_timesteps", minimum=2)
+    check_choice(s.beta_schedule, "schedule.beta_schedule", BETA_SCHEDULES)
+    check_in_range(s.beta_start, "schedule.beta_start", 0.0, 1.0, closed=False)
+    check_in_range(s.beta_end, "schedule.beta_end", s.beta_start, 1.0, closed=False)
+
+    m = cfg.model
+    check_positive_int(m.base_channels, "model.base_channels")
+    _int_list(m.channel_mults, "model.channel_mults")
+    check_positive_int(m.num_res_blocks, "model.num_res_blocks")
+    _int_list(m.attention_resolutions, "model.attention_resolutions", empty=True)
+    check_in_range(m.dropout, "model.dropout", 0.0, 1.0)
+    check_choice(m.time_embedding, "model.time_embedding", TIME_EMBEDDINGS)
+    factor = 2 ** (len(m.channel_mults) - 1)
+    if d.image_size % factor:
         raise ValueError(
-            f"discriminator.t_max: expected a fraction of T in (0, 1], got {cfg.discriminator.t_max!r}"
+            f"data.image_size: {d.image_size} is not divisible by {factor}, the UNet's downsampling over "
+            f"{len(m.channel_mults)} levels (model.channel_mults)"
         )
-    check_in_range(cfg.guidance.w_min, "guidance.w_min", 0.0, 1.0)
-    if cfg.guidance.w_max < 1.0:
-        raise ValueError(f"guidance.w_max: expected a number >= 1, got {cfg.guidance.w_max!r}")
+
+    disc = cfg.discriminator
+    check_positive_int(disc.base_channels, "discriminator.base_channels")
+    if not 0.0 < disc.t_max <= 1.0:
+        raise ValueError(f"discriminator.t_max: expected a fraction of T in (0, 1], got {disc.t_max!r}")
+    _positive(disc.lr, "discriminator.lr")
+    check_in_range(disc.beta1, "discriminator.beta1", 0.0, 1.0)
+    check_in_range(disc.beta2, "discriminator.beta2", 0.0, 1.0)
+    check_in_range(disc.r1_weight, "discriminator.r1_weight", 0.0, float("inf"))
+
+    g = cfg.guidance
+    check_choice(g.saliency_method, "guidance.saliency_method", METHODS.names())
+    if getattr(METHODS.get(g.saliency_method), "output", "map") != "map":
+        raise ValueError(
+            f"guidance.saliency_method: {g.saliency_method!r} makes images, not saliency maps; "
+            "pick a map method such as 'saliency', 'gradcam' or 'lrp'"
+        )
+    check_in_range(g.gamma, "guidance.gamma", 0.0, float("inf"))
+    check_in_range(g.blur_sigma, "guidance.blur_sigma", 0.0, float("inf"))
+    check_in_range(g.w_min, "guidance.w_min", 0.0, 1.0)
+    check_in_range(g.w_max, "guidance.w_max", 1.0, float("inf"))
+    check_positive_int(g.sample_saliency_every, "guidance.sample_saliency_every", minimum=0)
+
+    c = cfg.cycle
     for key in ("phase_a", "phase_b"):
-        check_positive_int(getattr(cfg.cycle, key), f"cycle.{key}", minimum=0)
-    check_positive_int(cfg.cycle.cycles, "cycle.cycles")
-    if cfg.cycle.phase_a + cfg.cycle.phase_b == 0:
+        check_positive_int(getattr(c, key), f"cycle.{key}", minimum=0)
+    check_positive_int(c.cycles, "cycle.cycles")
+    if c.phase_a + c.phase_b == 0:
         raise ValueError("cycle: phase_a + phase_b must be > 0")
-    check_positive_int(cfg.train.batch_size, "train.batch_size")
-    check_positive_int(cfg.train.warmup, "train.warmup", minimum=0)
-    check_positive_int(cfg.train.checkpoint_every, "train.checkpoint_every")
-    check_positive_int(cfg.train.keep_checkpoints, "train.keep_checkpoints")
-    check_positive_int(cfg.train.log_every, "train.log_every")
-    check_in_range(cfg.train.ema_decay, "train.ema_decay", 0.0, 1.0)
-    check_choice(cfg.train.mixed_precision, "train.mixed_precision", ("no", "bf16"))
-    check_choice(cfg.train.loss_weighting, "train.loss_weighting", LOSS_WEIGHTINGS)
-    check_choice(cfg.sample.sampler, "sample.sampler", ("ddpm", "ddim"))
-    check_positive_int(cfg.sample.steps, "sample.steps")
-    check_positive_int(cfg.sample.batch_size, "sample.batch_size")
-    check_choice(cfg.eval.features, "eval.features", ("auto", "inception", "classifier"))
-    check_positive_int(cfg.eval.batch_size, "eval.batch_size")
+
+    t = cfg.train
+    _positive(t.lr, "train.lr")
+    check_positive_int(t.warmup, "train.warmup", minimum=0)
+    check_positive_int(t.batch_size, "train.batch_size")
+    check_in_range(t.grad_clip, "train.grad_clip", 0.0, float("inf"))
+    check_in_range(t.ema_decay, "train.ema_decay", 0.0, 1.0)
+    check_choice(t.mixed_precision, "train.mixed_precision", ("no", "bf16"))
+    check_choice(t.loss_weighting, "train.loss_weighting", LOSS_WEIGHTS)
+    _positive(t.snr_gamma, "train.snr_gamma")
+    _positive(t.p2_k, "train.p2_k")
+    check_in_range(t.p2_gamma, "train.p2_gamma", 0.0, float("inf"))
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        check_positive_int(getattr(t, key), f"train.{key}")
+    for key in ("sample_every", "eval_every"):
+        check_positive_int(getattr(t, key), f"train.{key}", minimum=0)
+
+    smp = cfg.sample
+    check_choice(smp.sampler, "sample.sampler", SAMPLERS)
+    check_positive_int(smp.steps, "sample.steps")
+    if smp.steps > s.num_timesteps:
+        raise ValueError(
+            f"sample.steps: expected at most schedule.num_timesteps={s.num_timesteps}, got {smp.steps}"
+        )
+    check_in_range(smp.eta, "sample.eta", 0.0, float("inf"))
+    check_positive_int(smp.num_images, "sample.num_images")
+    check_positive_int(smp.batch_size, "sample.batch_size")
+    check_in_range(smp.guidance_weight, "sample.guidance_weight", float("-inf"), float("inf"))
+
+    e = cfg.eval
+    check_positive_int(e.num_samples, "eval.num_samples", minimum=0)
+    check_positive_int(e.batch_size, "eval.batch_size")
+    check_choice(e.features, "eval.features", FEATURE_KINDS)
+    check_positive_int(e.real_images, "eval.real_images", minimum=0)
+
+
+# -- builders ---------------------------------------------------------------------------------------
+def build_dataset(cfg: ExperimentConfig, train: bool = True) -> Dataset:
+    """The configured data set (images in [0, 1]) from :func:`genxai.data.get_dataset`."""
+    from torch.utils.data import Subset
+
+    from genxai.data import get_dataset
+
+    kwargs: dict[str, Any] = {}
+    if cfg.data.channels is not None and cfg.data.name in ("digits", "folder", "celebahq"):
+        kwargs["channels"] = cfg.data.channels
+    if cfg.data.name == "shapes":
+        kwargs["seed"] = cfg.seed
+    dataset = get_dataset(cfg.data.name, root=cfg.data.root, size=cfg.data.image_size, train=train, **kwargs)
+    if cfg.data.limit is not None:
+        dataset = Subset(dataset, range(min(cfg.data.limit, len(dataset))))
+    return dataset
+
+
+def build_unet(cfg: ExperimentConfig, channels: int) -> UNet:
+    """The noise-prediction UNet of ``cfg.model`` with the variant's attention maps."""
+    m = cfg.model
+    return UNet(
+        image_size=cfg.data.image_size,
+        in_channels=channels,
+        base_channels=m.base_channels,
+        channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions),
+        dropout=m.dropout,
+        time_embedding=m.time_embedding,
+        attention_maps=cfg.attention_maps,
+        num_timesteps=cfg.schedule.num_timesteps,
+    )
+
+
+def build_discriminator(cfg: ExperimentConfig, channels: int) -> Discriminator:
+    """D of ``cfg.discriminator``."""
+    d = cfg.discriminator
+    return Discriminator(
+        cfg.data.image_size,
+        in_channels=channels,
+        base_channels=d.base_channels,
+        time_aware=d.time_aware,
+        num_timesteps=cfg.schedule.num_timesteps,
+        spectral_norm=d.spectral_norm,
+    )
+
+
+def build_schedule(cfg: ExperimentConfig) -> NoiseSchedule:
+    """The forward process of ``cfg.schedule``."""
+    return NoiseSchedule(**asdict(cfg.schedule))
 
 
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -3,7 +3,7 @@
 One cycle is ``phase_a`` iterations of phase A (Process1 + a discriminator update: 1 Process each)
 followed by ``phase_b`` iterations of phase B (Process1 and Process2 with D frozen: 2 Processes
 each). The plan's cycle is 20,000 + 2 x 40,000 = 100,000 Processes, five cycles = 500,000 (the
-DDPM paper's step budget). Every count is a setting; :meth:`CycleSchedule.scaled` shrinks them.
+DDPM paper's step budget). Every count is a setting (``cycle.*`` in the experiment config).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
-
-from genxai.core.checks import check_in_range
 
 PROCESSES_PER_ITERATION = {"A": 1, "B": 2}
 
@@ -49,14 +47,6 @@ class CycleSchedule:
         _count(self.cycles, "cycles", 1)
         if self.phase_a + self.phase_b == 0:
             raise ValueError("phase_a, phase_b: at least one phase needs iterations, got 0 and 0")
-
-    @classmethod
-    def scaled(cls, fraction: float, *, phase_a: int = 20_000, phase_b: int = 40_000, cycles: int = 5):
-        """The plan's counts times ``fraction`` (at least 1 iteration per non-empty phase), same cycles."""
-        check_in_range(fraction, "fraction", 0.0, 1e6, closed=False)
-        a = max(1, round(phase_a * fraction)) if phase_a else 0
-        b = max(1, round(phase_b * fraction)) if phase_b else 0
-        return cls(a, b, cycles)
 
     @property
     def iterations_per_cycle(self) -> int:
@@ -103,17 +93,6 @@ class CycleSchedule:
         cycle, within = divmod(iteration, self.iterations_per_cycle)
         a = min(within, self.phase_a)
         return cycle * self.processes_per_cycle + a + 2 * (within - a)
-
-    def iteration_at_process(self, processes: int) -> int:
-        """The first iteration at which at least ``processes`` Processes are done (to resume by Processes)."""
-        if isinstance(processes, bool) or not isinstance(processes, int):
-            raise TypeError(f"processes: expected an int, got {type(processes).__name__}")
-        if not 0 <= processes <= self.total_processes:
-            raise ValueError(f"processes: expected 0 <= processes <= {self.total_processes}, got {processes}")
-        cycle, within = divmod(processes, self.processes_per_cycle)
-        if within <= self.phase_a:
-            return cycle * self.iterations_per_cycle + within
-        return cycle * self.iterations_per_cycle + self.phase_a + -(-(within - self.phase_a) // 2)
 
     def __iter__(self) -> Iterator[Position]:
         """Every iteration's :class:`Position`, in order."""

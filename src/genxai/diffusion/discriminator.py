@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genxai.core.checks import check_positive_int
+from genxai.diffusion.schedule import as_timesteps
 from genxai.diffusion.unet import sinusoidal_embedding
 
 
@@ -108,13 +109,8 @@ class Discriminator(nn.Module):
         if self.time_aware:
             if t is None:
                 raise ValueError("t: this discriminator is time-aware; pass the timesteps of x (N,)")
-            if not isinstance(t, torch.Tensor):
-                t = torch.tensor(t, device=x.device)
-            if t.ndim == 0:
-                t = t.expand(x.shape[0])
-            if t.shape != (x.shape[0],):
-                raise ValueError(f"t: expected shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
-            temb = self.time_mlp(sinusoidal_embedding(t.to(x.device), self.base_channels))
+            t = as_timesteps(t, x.shape[0], x.device)
+            temb = self.time_mlp(sinusoidal_embedding(t, self.base_channels))
         h = x
         for block in self.blocks:
             h = block(h, temb)
@@ -122,8 +118,8 @@ class Discriminator(nn.Module):
 
 
 def call_discriminator(d: nn.Module, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-    """``d(x, t)`` for a time-aware discriminator, ``d(x)`` for any other module."""
-    if t is not None and getattr(d, "time_aware", False):
+    """``d(x, t)`` for a time-aware discriminator (also inside a DDP wrapper), ``d(x)`` for any other."""
+    if t is not None and getattr(getattr(d, "module", d), "time_aware", False):
         return d(x, t)
     return d(x)
 
@@ -134,24 +130,35 @@ def d_loss(
     fake: torch.Tensor,
     t: torch.Tensor | None = None,
     *,
+    fake_mask: torch.Tensor | None = None,
     r1_weight: float = 0.0,
     return_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-saturating GAN loss of D: ``softplus(-D(real)) + softplus(D(fake))``, batch means.
 
-    ``fake`` is detached (only D learns from this loss). ``r1_weight``: add
-    ``r1_weight / 2 * E ||grad_x D(real)||^2`` (Mescheder et al., 2018). ``return_logits``: also
-    return the real and fake logits (detached), e.g. for D's accuracy.
+    Real and fake images go through D in one batch (one forward: one power iteration of a
+    spectral-norm D). ``fake`` is detached (only D learns from this loss). ``t``: the timesteps
+    of the pairs, given to a time-aware D for both halves. ``fake_mask`` (N,) bool: only these
+    fakes count (the mean runs over them; XAI-guided training masks estimates from t above the
+    cutoff). ``r1_weight``: add ``r1_weight / 2 * E ||grad_x D(real)||^2`` (Mescheder et al.,
+    2018). ``return_logits``: also return the real and fake logits (detached).
     """
     if real.shape != fake.shape:
         raise ValueError(f"fake: expected the shape of real {tuple(real.shape)}, got {tuple(fake.shape)}")
+    n = real.shape[0]
     real = real.detach().requires_grad_(r1_weight > 0)
-    real_logits = call_discriminator(d, real, t)
-    fake_logits = call_discriminator(d, fake.detach(), t)
-    loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    times = torch.cat([t, t]) if t is not None else None
+    logits = call_discriminator(d, torch.cat([real, fake.detach()]), times).float().view(-1)
+    real_logits, fake_logits = logits[:n], logits[n:]
+    if fake_mask is None:
+        fake_term = F.softplus(fake_logits).mean()
+    else:
+        mask = fake_mask.float().view(-1)
+        fake_term = (F.softplus(fake_logits) * mask).sum() / mask.sum().clamp_min(1)
+    loss = F.softplus(-real_logits).mean() + fake_term
     if r1_weight > 0:
         (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
         loss = loss + r1_weight / 2 * grad.square().flatten(1).sum(1).mean()
     if return_logits:
-        return loss, real_logits.detach(), fake_logits.detach()
+        return loss, real_logits.detach().view(-1, 1), fake_logits.detach().view(-1, 1)
     return loss

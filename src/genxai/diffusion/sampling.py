@@ -22,6 +22,7 @@ from genxai.core.checks import check_choice, check_in_range, check_positive_int
 from genxai.diffusion.guidance import saliency
 from genxai.diffusion.schedule import NoiseSchedule
 
+SAMPLERS = ("ddpm", "ddim")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -20,6 +20,20 @@ BETA_SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHTS = ("none", "min_snr", "p2")
 
 
+def as_timesteps(t: torch.Tensor | int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(n,) integer timesteps on ``device`` from an int, a 0-d or one-element tensor (shared by the
+    batch) or an (n,) tensor: the one place every network taking ``t`` normalises it."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"t: expected integer timesteps, got {t.dtype}")
+    if t.ndim == 0 or t.shape == (1,):
+        t = t.reshape(()).expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"t: expected ({n},) timesteps or a scalar, got shape {tuple(t.shape)}")
+    return t.to(device) if device is not None else t
+
+
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """DDPM's betas: evenly spaced from ``beta_start`` to ``beta_end`` (float64)."""
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
@@ -100,9 +114,10 @@ class NoiseSchedule:
     def gather(self, name: str, t: torch.Tensor, ndim: int = 4) -> torch.Tensor:
         """Table ``name`` at timesteps ``t`` (N,), shaped (N, 1, ..., 1) to broadcast over ``ndim`` dims."""
         t = self._check_t(t)
-        if t.device != self.device:
-            self.to(t.device)
-        return getattr(self, name)[t].view(-1, *[1] * (ndim - 1))
+        table = getattr(self, name)
+        if table.device != t.device:  # index a copy there; the schedule itself stays where it is
+            table = table.to(t.device)
+        return table[t].view(-1, *[1] * (ndim - 1))
 
     def _check_t(self, t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genxai.core.checks import check_choice, check_in_range, check_positive_int
+from genxai.diffusion.schedule import as_timesteps
 
 TIME_EMBEDDINGS = ("sinusoidal", "fourier", "random_fourier")
 ATTENTION_MAPS = ("none", "same", "hierarchical")
@@ -390,14 +391,7 @@ class UNet(nn.Module):
         factor = 2 ** (len(self.levels) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"x: height and width must be divisible by {factor}, got {tuple(x.shape[-2:])}")
-        n = x.shape[0]
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t: expected shape ({n},) or a scalar, got {tuple(t.shape)}")
-        temb = self.time_embedding(t.to(x.device))
+        temb = self.time_embedding(as_timesteps(t, x.shape[0], x.device))
         maps = None if self.attention_maps == "none" else self.attention_pyramid(saliency, x)
 
         h = self.conv_in(x)

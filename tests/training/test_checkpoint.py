@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from genxai.diffusion import checkpoint
-from genxai.diffusion.ema import EMA
+from genxai.training import checkpoint
+from genxai.training.ema import EMA
 
 
 def _model_and_optimizer(seed: int = 0):
