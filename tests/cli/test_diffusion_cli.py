@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -142,3 +143,61 @@ def test_user_errors_are_one_line(tmp_path):
     assert out.exit_code == 2 and "no config.yaml" in out.output
     out = runner.invoke(app, ["ablate", "--config", DEMO, f"out_dir={tmp_path}", "--variants", "nope"])
     assert out.exit_code == 2 and "unknown variant" in out.output
+
+
+def test_fid_equals_the_training_evaluation(tmp_path):
+    """`genxai fid` samples as training's evaluation does (sampler, saliency-conditioned maps), so
+    for the evaluation's seed it gives the same number."""
+    extra = [
+        "variant=noise+same",
+        "guidance.sample_saliency_every=2",
+        "eval.num_samples=16",
+        "eval.batch_size=8",
+        "eval.real_images=64",
+        "eval.features=classifier",
+        "train.sample_every=0",
+        "train.warmup=0",  # the attention gates leave 0 within the few Processes
+        "train.lr=0.01",
+    ]
+    out = runner.invoke(app, ["train", "--config", DEMO, *TINY, *extra, f"out_dir={tmp_path}", "name=r"])
+    assert out.exit_code == 0, out.output
+    run = tmp_path / "r"
+    trained = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])["metrics"]
+    from genxai.diffusion.config import load_experiment
+
+    eval_seed = load_experiment(run / "config.yaml").seed + 12345
+    out = runner.invoke(app, ["fid", "--run", str(run), "--n", "16", "--seed", str(eval_seed)])
+    assert out.exit_code == 0, out.output
+    result = _json(out.output)
+    name = "FID (offline shapes-classifier features)"
+    assert result[name] == pytest.approx(trained[name], rel=1e-6, abs=1e-9)
+
+
+def test_sampling_arguments_are_checked(tmp_path):
+    out = runner.invoke(app, ["train", "--config", DEMO, *TINY, f"out_dir={tmp_path}", "name=r"])
+    assert out.exit_code == 0, out.output
+    run = str(tmp_path / "r")
+    for args, message in (
+        (["sample", "--run", run, "--sampler", "ddpx"], "--sampler: expected one of 'ddpm', 'ddim'"),
+        (["sample", "--run", run, "--steps", "0"], "--steps: expected 1 <= steps <= 1000"),
+        (["sample", "--run", run, "--steps", "1001"], "--steps: expected 1 <= steps <= 1000"),
+        (["sample", "--run", run, "--n", "0"], "--n: expected an integer >= 1"),
+        (["sample", "--run", run, "--eta", "-1"], "--eta: expected a number >= 0"),
+        (["sample", "--run", run, "--batch-size", "0"], "--batch-size"),
+        (["fid", "--run", run, "--features", "inceptionn"], "--features: expected one of"),
+        (["fid", "--run", run, "--inception", str(tmp_path / "none.pt")], "--inception: file not found"),
+        (["sample", "--run", str(tmp_path)], "the runs inside are: r"),
+    ):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 2, (args, out.output)
+        assert message in out.output and "Traceback" not in out.output, (args, out.output)
+        assert len([line for line in out.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_errors_inside_training_are_one_line(tmp_path):
+    """A missing FID Inception is found before the first iteration, and reported as one line."""
+    args = ["train", "--config", DEMO, *TINY, f"out_dir={tmp_path}", "name=r", "eval.num_samples=4"]
+    out = runner.invoke(app, [*args, "eval.features=inception", f"eval.inception={tmp_path / 'no.pt'}"])
+    assert out.exit_code == 2 and out.output.startswith("error:") and "FID Inception" in out.output
+    assert out.exception is None or isinstance(out.exception, SystemExit)
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -311,3 +311,110 @@ def test_an_interrupted_ablation_stops_and_resumes(tmp_path, shapes8, monkeypatc
     monkeypatch.setattr(ablation, "Trainer", Trainer)
     done = ablation.run_ablation(cfg, variants=("baseline", "noise"), dataset=shapes8)
     assert not done["interrupted"] and all(r["processes"] == 12 for r in done["runs"].values())
+
+
+# -- strict configs and runs ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("guidance.gamma=-1", "guidance.gamma"),
+        ("guidance.saliency_method=saliencyy", "guidance.saliency_method"),
+        ("guidance.saliency_method=classmodel", "makes images, not saliency maps"),
+        ("train.lr=0", "train.lr"),
+        ("sample.steps=5000", "sample.steps"),
+        ("sample.eta=-0.5", "sample.eta"),
+        ("data.name=shapez", "data.name"),
+        ("data.image_size=9", "data.image_size"),
+        ("schedule.beta_end=0.00001", "schedule.beta_end"),
+        ("discriminator.r1_weight=-1", "discriminator.r1_weight"),
+        ("eval.features=inceptionn", "eval.features"),
+    ],
+)
+def test_every_value_is_validated_at_load_time(tmp_path, override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        tiny(tmp_path, override)
+
+
+def test_data_dependent_errors_come_before_training(tmp_path, shapes8):
+    with pytest.raises(ValueError, match="batch_size: the data set has 64 images"):
+        Trainer(tiny(tmp_path, "train.batch_size=128"), dataset=shapes8)
+    with pytest.raises(ValueError, match="guidance: 'gradcam' cannot explain.*nope"):
+        Trainer(
+            tiny(
+                tmp_path, "variant=noise", "guidance.saliency_method=gradcam", "guidance.saliency_layer=nope"
+            ),
+            dataset=shapes8,
+        )
+
+
+def test_resume_checks_every_section_that_changes_training(tmp_path, shapes8):
+    Trainer(tiny(tmp_path, "variant=noise", "name=run"), dataset=shapes8).fit(until=1)
+    for override, key in (
+        ("guidance.gamma=2", "guidance.gamma"),
+        ("cycle.phase_b=3", "cycle.phase_b"),
+        ("train.lr=0.01", "train.lr"),
+    ):
+        with pytest.raises(ValueError, match=rf"{key} \(run: "):
+            Trainer(tiny(tmp_path, "variant=noise", "name=run", override), dataset=shapes8)
+    # where it reports and how it samples may change
+    again = Trainer(
+        tiny(tmp_path, "variant=noise", "name=run", "train.log_every=1", "sample.steps=3"), dataset=shapes8
+    )
+    assert again.iteration == 1
+
+
+def _model_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {}
+    for name in trainer.models:
+        for key, value in trainer.unwrap(name).state_dict().items():
+            state[f"{name}.{key}"] = value.clone()
+    state.update({f"ema.{k}": v.clone() for k, v in trainer.step.ema.state_dict().items()})
+    state["rng"] = torch.get_rng_state()
+    state["generator"] = trainer.generator.get_state()
+    return state
+
+
+def test_sampling_and_evaluation_never_change_training(tmp_path, shapes8):
+    """Snapshots and FID during training run every model in eval mode: a spectral-norm D (whose
+    power iteration would update its buffers in train mode), the UNet, the EMA and every random
+    stream are as they were."""
+    cfg = tiny(
+        tmp_path,
+        "variant=noise+same",
+        "discriminator.spectral_norm=true",
+        "guidance.sample_saliency_every=1",
+        "sample.steps=3",
+        "sample.num_images=4",
+        "eval.num_samples=4",
+        "eval.batch_size=4",
+        "eval.features=classifier",
+        "eval.real_images=16",
+    )
+    trainer = Trainer(cfg, dataset=shapes8)
+    trainer.fit(until=3)  # D has trained (phase A) and the run is in phase B
+    before = _model_state(trainer)
+    trainer.snapshot()
+    trainer.evaluate()
+    after = _model_state(trainer)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
+    assert trainer.unet.training and trainer.discriminator.training
+    assert list((cfg.run_dir / "snapshots").glob("iter_*.safetensors"))
+
+
+def test_checkpoints_describe_their_modules(tmp_path, shapes8):
+    """A checkpoint rebuilds its UNet and D without the experiment config."""
+    from genxai.diffusion import Discriminator, UNet
+
+    cfg = tiny(tmp_path, "variant=noise+hierarchical", "name=self")
+    trainer = Trainer(cfg, dataset=shapes8)
+    trainer.fit(until=1)
+    path = checkpoint.latest(tmp_path / "self" / "checkpoints")
+    unet = UNet(**checkpoint.read_config(path, "unet_ema"))
+    unet.load_state_dict(checkpoint.read_weights(path, "unet_ema"))
+    d = Discriminator(**checkpoint.read_config(path, "discriminator"))
+    d.load_state_dict(checkpoint.read_weights(path, "discriminator"))
+    assert unet.attention_maps == "hierarchical" and unet.image_size == 8
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 9])
+    unet.eval()
+    assert torch.equal(unet(x, t), trainer.step.ema.module(x, t))
