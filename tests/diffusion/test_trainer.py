@@ -338,7 +338,7 @@ def test_every_value_is_validated_at_load_time(tmp_path, override, key):
 def test_data_dependent_errors_come_before_training(tmp_path, shapes8):
     with pytest.raises(ValueError, match="batch_size: the data set has 64 images"):
         Trainer(tiny(tmp_path, "train.batch_size=128"), dataset=shapes8)
-    with pytest.raises(ValueError, match="guidance: 'gradcam' cannot explain.*nope"):
+    with pytest.raises(ValueError, match=r"guidance: 'gradcam' cannot explain.*nope"):
         Trainer(
             tiny(
                 tmp_path, "variant=noise", "guidance.saliency_method=gradcam", "guidance.saliency_layer=nope"
