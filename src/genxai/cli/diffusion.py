@@ -137,10 +137,6 @@ def sample(
     Guidance with the run's D and saliency attention maps for the attention variants. Runs with a
     discriminator also get saliency.png: samples over D's fake-score saliency.
     """
-    import torch
-    from safetensors.torch import save_file
-    from torchvision.utils import save_image
-
     from genxai.diffusion.guidance import DiscriminatorGuidance
     from genxai.diffusion.pipeline import load_run, sample_run
 
@@ -179,6 +175,22 @@ def sample(
         guidance=hook,
         progress=True,
     )
+    try:
+        result = _write_samples(batches, out, fmt, loaded, run, seed, explain)
+    except USER_ERRORS as err:
+        raise _fail(err) from None
+    typer.echo(json.dumps(result))
+
+
+def _write_samples(
+    batches: Iterator, out: Path, fmt: str, loaded, run: Path, seed: int, explain: bool
+) -> dict:
+    """Save the sampled batches as PNGs (+ grid) or one safetensors file, and saliency.png."""
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.utils import save_image
+
+    cfg = loaded.cfg
     grid, stored, count = [], [], 0
     for batch in batches:
         batch = batch.cpu()
@@ -213,7 +225,7 @@ def sample(
             **cfg.guidance.saliency_options,
         )
         result["saliency"] = str(path)
-    typer.echo(json.dumps(result))
+    return result
 
 
 def _stored_batches(path: Path, batch_size: int, channels: int) -> Iterator:
