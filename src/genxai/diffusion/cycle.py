@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-PROCESSES_PER_ITERATION = {"A": 1, "B": 2}
-
 
 class Position(NamedTuple):
     """Where iteration ``iteration`` lies: cycle (0-based), phase ("A"|"B"), index within the phase."""
@@ -81,18 +79,6 @@ class CycleSchedule:
     def phase(self, iteration: int) -> str:
         """``"A"`` (Process1 + D update) or ``"B"`` (Process1 + Process2, D frozen)."""
         return self.position(iteration).phase
-
-    def processes_done(self, iteration: int) -> int:
-        """Processes completed by iterations ``0 .. iteration - 1`` (``iteration`` may equal the total)."""
-        if isinstance(iteration, bool) or not isinstance(iteration, int):
-            raise TypeError(f"iteration: expected an int, got {type(iteration).__name__}")
-        if not 0 <= iteration <= self.total_iterations:
-            raise ValueError(
-                f"iteration: expected 0 <= iteration <= {self.total_iterations}, got {iteration}"
-            )
-        cycle, within = divmod(iteration, self.iterations_per_cycle)
-        a = min(within, self.phase_a)
-        return cycle * self.processes_per_cycle + a + 2 * (within - a)
 
     def __iter__(self) -> Iterator[Position]:
         """Every iteration's :class:`Position`, in order."""
