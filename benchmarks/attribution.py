@@ -43,7 +43,7 @@ def build_cases(model, x, labels, layer, args) -> list[Case]:
     def ours(name, call=None, **kwargs):
         if name not in A.METHODS:
             return None
-        method = A.get(name)(model, **kwargs)
+        method = A.build(name, model, **kwargs)
         return lambda: method(x, target=target, **(call or {}))
 
     try:

@@ -8,10 +8,12 @@ from genxai.core.targets import (
     FunctionTarget,
     Predicted,
     Select,
+    Sigmoid,
     Target,
     UnitActivation,
     as_target,
     evaluate,
+    probability_target,
 )
 
 __all__ = [
@@ -22,8 +24,10 @@ __all__ = [
     "FunctionTarget",
     "Predicted",
     "Select",
+    "Sigmoid",
     "Target",
     "UnitActivation",
     "as_target",
     "evaluate",
+    "probability_target",
 ]

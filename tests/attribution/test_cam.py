@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from genxai.attribution.base import METHODS, normalize_maps
+from genxai.attribution.base import METHODS
 from genxai.attribution.cam import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from genxai.core.engine import forward_backward
+from genxai.core.maps import minmax_normalize
 from genxai.targets import ClassLogit, DiscriminatorScore, Fake
 
 CLASSES = [1, 3, 0, 2]
@@ -74,7 +75,7 @@ def test_gradcam_equals_cam_on_gap_head(gapnet, images):
     h, w = cam.shape[-2:]
     assert (cam < 0).any() and (cam > 0).any(), "CAM is signed, as in the paper"
     torch.testing.assert_close(grad * (h * w), cam.clamp_min(0), rtol=1e-4, atol=1e-6)
-    full_cam = normalize_maps(CAM(gapnet, "features.3")(images, target).clamp_min(0))
+    full_cam = minmax_normalize(CAM(gapnet, "features.3")(images, target).clamp_min(0))
     full_grad = GradCAM(gapnet, "features.3", normalize=True)(images, target)
     torch.testing.assert_close(full_grad, full_cam, rtol=1e-4, atol=1e-5)
 
@@ -200,7 +201,7 @@ def test_gradcam_plus_plus_third_order_term(discriminator, images):
     assert_maps_close(ours, theirs)
     # The closed form is not scale-invariant: with small gradients alpha -> 1/2 and the maps differ.
     small = GradCAMPlusPlus(discriminator, "main.4", upsample=False)(x, DiscriminatorScore())
-    assert not torch.allclose(normalize_maps(small), normalize_maps(ours), atol=1e-3)
+    assert not torch.allclose(minmax_normalize(small), minmax_normalize(ours), atol=1e-3)
 
 
 @pytest.mark.peers

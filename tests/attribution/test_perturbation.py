@@ -130,5 +130,5 @@ def test_bad_input(gapnet, images):
         Occlusion(gapnet, window=4)(images, target=0, baseline=torch.zeros(2, 3, 16, 16))
     with pytest.raises(ValueError, match="masks"):
         RISE(gapnet, masks=0)
-    with pytest.raises(ValueError, match="p"):
+    with pytest.raises(ValueError, match=r"^p: expected a number in \(0, 1\], got 0 "):
         RISE(gapnet, p=0.0)

@@ -1,10 +1,13 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from genxai.attribution.base import METHODS
-from genxai.attribution.visualization import ClassModelVisualization, gaussian_blur
+from genxai.attribution.visualization import ClassModelVisualization
 from genxai.core.hooks import run_until
+from genxai.core.maps import gaussian_blur
 from genxai.targets import UnitActivation
 
 
@@ -61,12 +64,17 @@ def test_init_from_input(gapnet, images):
     assert zeros.abs().max() < 1e-5
 
 
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The class model's blur: replicated borders, radius max(1, ceil(3 sigma))."""
+    return gaussian_blur(images, sigma, radius=max(1, math.ceil(3 * sigma)), padding="replicate")
+
+
 def test_gaussian_blur_keeps_constants_and_mass():
     flat = torch.full((1, 2, 6, 6), 0.3)
-    assert torch.allclose(gaussian_blur(flat, 1.0), flat)
+    assert torch.allclose(blur(flat, 1.0), flat)
     spike = torch.zeros(1, 1, 9, 9)
     spike[0, 0, 4, 4] = 1.0
-    blurred = gaussian_blur(spike, 0.8)
+    blurred = blur(spike, 0.8)
     assert torch.isclose(blurred.sum(), torch.tensor(1.0)) and blurred.max() < 0.5
 
 

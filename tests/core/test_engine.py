@@ -52,3 +52,54 @@ def test_batched_scores_chunking_is_exact(gapnet, images):
     assert torch.allclose(
         a[copies - 1 :: copies], gapnet(images).gather(1, target.index[:, None])[:, 0], atol=1e-5
     )
+
+
+def test_result_is_gradients_and_the_name_pass_is_gone():
+    import genxai.core as core
+    import genxai.core.engine as engine
+
+    assert core.Gradients is engine.Gradients
+    assert not hasattr(engine, "Pass") and "Pass" not in core.__all__
+
+
+def test_output_relevance_seeds_the_backward_with_the_explained_logit(gapnet, images):
+    target = ClassLogit(torch.tensor([0, 1, 2, 3]))
+    plain = forward_backward(gapnet, images, target, layers=["features.2"])
+    seeded = forward_backward(gapnet, images, target, layers=["features.2"], output_relevance=True)
+    logit = plain.scores.view(-1, 1, 1, 1)  # grad of (onehot * out) = logit * d logit / d x
+    torch.testing.assert_close(seeded.input_grad, logit * plain.input_grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        seeded.gradients["features.2"], logit * plain.gradients["features.2"], rtol=1e-5, atol=1e-8
+    )
+    torch.testing.assert_close(seeded.scores, plain.scores)
+
+
+def test_context_is_entered_around_forward_and_backward_and_left_on_errors(gapnet, images):
+    events = []
+
+    class Recording:
+        def __init__(self, model):
+            self.model = model
+
+        def __enter__(self):
+            events.append(("enter", self.model))
+            return self.model
+
+        def __exit__(self, *exc):
+            events.append(("exit", exc[0]))
+            return False
+
+    def doubled(output):
+        output.register_hook(lambda grad: events.append(("backward", None)))  # runs in the backward
+        return output[:, 0] * 2
+
+    result = forward_backward(gapnet, images, as_target(doubled), context=Recording)
+    assert events == [("enter", gapnet), ("backward", None), ("exit", None)]
+    reference = forward_backward(gapnet, images, ClassLogit(0))
+    torch.testing.assert_close(result.input_grad, 2 * reference.input_grad)
+
+    events.clear()
+    with pytest.raises(ValueError, match="class 9 out of range"):
+        forward_backward(gapnet, images, ClassLogit(9), context=Recording)
+    assert events == [("enter", gapnet), ("exit", ValueError)]
+    assert all(not m._forward_hooks for m in gapnet.modules())

@@ -62,3 +62,23 @@ def test_replace_module(gapnet):
     old = replace_module(gapnet, "features.1", nn.Identity())
     assert isinstance(old, nn.ReLU)
     assert isinstance(gapnet.features[1], nn.Identity)
+
+
+def test_default_layer_is_the_models_own_or_the_block_of_the_last_conv(gapnet, discriminator):
+    from genxai.core.hooks import default_layer
+
+    assert default_layer(gapnet) == "features" and default_layer(discriminator) == "main"
+    gapnet.default_layer = "features.2"
+    assert default_layer(gapnet) == "features.2"
+    with pytest.raises(ValueError, match="layer: Sequential has no Conv2d"):
+        default_layer(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
+
+
+def test_registry_canonical_names():
+    from genxai.core.registry import Registry
+
+    registry = Registry("thing")
+    registry.register("grad-cam", "gc")(object)
+    assert registry.canonical("GradCam") == "grad-cam" and registry.canonical("GC") == "grad-cam"
+    with pytest.raises(ValueError, match=r"thing: unknown name 'gradcma'.*grad-cam"):
+        registry.canonical("gradcma")

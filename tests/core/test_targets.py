@@ -75,3 +75,19 @@ def test_unit_activation_with_mask(gapnet, images):
 def test_evaluate_checks_shape():
     with pytest.raises(ValueError, match="one score per image"):
         evaluate(as_target(lambda o: o), torch.zeros(3, 4), 3)
+
+
+def test_bind_target_fixes_the_clean_prediction(gapnet, images):
+    from genxai.core.targets import bind_target
+
+    bound, clean = bind_target(gapnet, images, Predicted())
+    logits = gapnet(images)
+    assert isinstance(bound, ClassLogit) and torch.equal(bound.index, logits.argmax(1))
+    torch.testing.assert_close(clean, logits.max(1).values)
+    assert clean.dtype == torch.float32 and not clean.requires_grad
+    # the bound class stays fixed on other inputs, whatever they predict
+    torch.testing.assert_close(
+        bound(gapnet(images.flip(0))), gapnet(images.flip(0)).gather(1, bound.index[:, None])[:, 0]
+    )
+    with pytest.raises(ValueError, match=r"target:.*scores a layer"):
+        bind_target(gapnet, images, UnitActivation("features.0", 0))

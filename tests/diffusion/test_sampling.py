@@ -147,12 +147,25 @@ def test_discriminator_guidance_as_a_sampler_hook():
     from genxai.diffusion import discriminator_guidance
 
     schedule = NoiseSchedule(50)
+    torch.manual_seed(0)
     d = Discriminator(4, in_channels=1, base_channels=4, time_aware=True).eval()
-    hook = discriminator_guidance(d, schedule=schedule, weight=0.5)
     x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    guided = ddim_sample(oracle(schedule), schedule, x_T.shape, steps=5, x_T=x_T, guidance=hook)
-    plain = ddim_sample(oracle(schedule), schedule, x_T.shape, steps=5, x_T=x_T)
-    assert guided.shape == plain.shape and not torch.equal(guided, plain)
+    zero = torch.zeros(4, dtype=torch.long)
+
+    def final_logits(weight: float | None) -> torch.Tensor:
+        hook = None if weight is None else discriminator_guidance(d, schedule=schedule, weight=weight)
+        x = ddim_sample(oracle(schedule), schedule, x_T.shape, steps=5, x_T=x_T, guidance=hook)
+        with torch.no_grad():
+            return d(x, zero)[:, 0]  # D's verdict on the finished samples (t = 0)
+
+    plain = final_logits(None)
+    assert torch.equal(final_logits(0.0), plain)  # weight 0 leaves eps as it is
+    # Guidance moves every sample towards what D calls real, a negative weight away from it,
+    # and a larger weight further (the effect here is ~0.02 logits per image at |weight| = 5).
+    towards, away, stronger = final_logits(5.0), final_logits(-5.0), final_logits(10.0)
+    assert bool((towards > plain + 5e-3).all()) and bool((away < plain - 5e-3).all())
+    assert bool((stronger > towards).all())
+    assert towards.mean() > plain.mean() > away.mean()
     assert all(p.grad is None for p in d.parameters())
 
 

@@ -1,9 +1,19 @@
 """Attribution methods, one call shape: ``GradCAM(model, layer="layer4")(x, target=3)``.
 
-``get(name)`` returns a method class by name (``get("gradcam++")``); ``names()`` lists them.
+``build(name, model, layer=None, **options)`` constructs a method by name with checked options
+(``build("rise", model, masks=1000)``); ``get(name)`` returns its class (``get("gradcam++")``);
+``names()`` lists them.
 """
 
-from genxai.attribution.base import METHODS, Attribution, LayerAttribution, normalize_maps, reduce_channels
+from genxai.attribution.base import (
+    METHODS,
+    Attribution,
+    LayerAttribution,
+    accepted_options,
+    build,
+    check_options,
+    reduce_channels,
+)
 from genxai.attribution.cam import CAM, BaseCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from genxai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from genxai.attribution.lrp import LRP, RelevanceCAM
@@ -43,9 +53,11 @@ __all__ = [
     "ScoreCAM",
     "SmoothGrad",
     "SurrogateFit",
+    "accepted_options",
+    "build",
+    "check_options",
     "get",
     "names",
-    "normalize_maps",
     "reduce_channels",
     "weighted_least_squares",
 ]

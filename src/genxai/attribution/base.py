@@ -6,11 +6,17 @@ A method subclass implements :meth:`Attribution.attribute` only; checks, target 
 float32 output on the input's device and optional per-image min-max scaling happen here. Layer
 methods (the CAM family, Relevance-CAM) derive from :class:`LayerAttribution`, which resolves the
 layer once (an unknown name lists the closest names) and upsamples maps to the input size.
+
+:func:`build` constructs any registered method by name with checked options: the one way the jobs,
+the CLI and the diffusion trainer make methods (``build("rise", model, masks=1000)``).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -18,21 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from genxai.core.checks import check_images
-from genxai.core.hooks import resolve_layer
+from genxai.core.hooks import default_layer, resolve_layer
+from genxai.core.maps import minmax_normalize
 from genxai.core.registry import Registry
 from genxai.core.targets import Target, as_target
 
 METHODS: Registry[type[Attribution]] = Registry("attribution method")
 register = METHODS.register
-
-
-def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max scale each image's map to [0, 1]; a flat map becomes all zeros (never NaN)."""
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values.view(-1, *[1] * (maps.ndim - 1))
-    high = flat.max(dim=1).values.view(-1, *[1] * (maps.ndim - 1))
-    span = high - low
-    return torch.where(span > eps, (maps - low) / span.clamp_min(eps), torch.zeros_like(maps))
 
 
 def reduce_channels(maps: torch.Tensor, how: str = "max_abs") -> torch.Tensor:
@@ -84,7 +82,7 @@ class Attribution(ABC):
     def __call__(self, x: torch.Tensor, target: Any = None, **kwargs: Any) -> torch.Tensor:
         x = check_images(x, "x")
         maps = self.attribute(x, as_target(target), **kwargs).float()
-        return normalize_maps(maps) if self.normalize else maps
+        return minmax_normalize(maps) if self.normalize else maps
 
     @abstractmethod
     def attribute(self, x: torch.Tensor, target: Target, **kwargs: Any) -> torch.Tensor:
@@ -123,3 +121,109 @@ class LayerAttribution(Attribution):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__}, layer={self.layer_name!r})"
+
+
+# --- building methods by name ----------------------------------------------------------------------
+
+
+def _method_class(method: str | type[Attribution]) -> type[Attribution]:
+    if isinstance(method, str):
+        return METHODS.get(method)
+    if isinstance(method, type) and issubclass(method, Attribution):
+        return method
+    raise TypeError(f"method: expected a registered method name or an Attribution class, got {method!r}")
+
+
+def _label(method: str | type[Attribution], cls: type[Attribution]) -> str:
+    if isinstance(method, str):
+        return f"{METHODS.canonical(method)!r} ({cls.__name__})"
+    name = next((n for n in METHODS.names() if METHODS.get(n) is cls), None)
+    return f"{name!r} ({cls.__name__})" if name else cls.__name__
+
+
+def accepted_options(method: str | type[Attribution]) -> tuple[str, ...]:
+    """The constructor options of a method, in signature order (``model`` left out; ``layer`` for
+    layer methods). ``**kwargs`` are followed to the base class they are passed to, so the base
+    options (``normalize``, ``autocast``, ``upsample``) are included."""
+    cls = _method_class(method)
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            break
+        forwards = False
+        for i, param in enumerate(inspect.signature(init).parameters.values()):
+            if i == 0 or param.kind is inspect.Parameter.VAR_POSITIONAL:
+                continue  # self, *args
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif param.name not in names:
+                names.append(param.name)
+        if not forwards:  # **kwargs go on to the next __init__ in the MRO (super().__init__)
+            break
+    return tuple(n for n in names if n != "model")
+
+
+def check_options(method: str | type[Attribution], options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the method, the unknown option and the closest accepted ones when
+    ``options`` holds a name the method's constructor does not take."""
+    cls = _method_class(method)
+    label = _label(method, cls)
+    if not isinstance(options, Mapping):
+        raise ValueError(
+            f"options: expected a mapping of option names to values for method {label}, got {options!r}"
+        )
+    accepted = accepted_options(cls)
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"options: method {label} has no option {key!r}.{hint} Accepted: {', '.join(accepted)}"
+            )
+
+
+def build(
+    method: str | type[Attribution],
+    model: nn.Module,
+    layer: str | nn.Module | None = None,
+    *,
+    require_map: bool = False,
+    **options: Any,
+) -> Attribution:
+    """Construct a method by registry name or alias (or class) for ``model``, options checked.
+
+    Args:
+        method: ``"gradcam"``, ``"Grad-CAM++"``, ``"rise"``, ... (see ``names()``).
+        layer: passed to layer methods only (the CAM family, Relevance-CAM); other methods ignore
+            it, so one call shape serves every method. None gives a layer method the model's
+            default layer (``model.default_layer``, else the top-level block holding the last
+            Conv2d; see :func:`genxai.core.hooks.default_layer`).
+        require_map: refuse methods that synthesise an image instead of explaining the input with
+            a map (class model visualisation), where a saliency map is needed.
+        options: constructor options of the method; a name it does not take is a ValueError
+            naming the method, the option and the closest accepted ones.
+    """
+    cls = _method_class(method)
+    label = _label(method, cls)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if require_map and cls.output != "map":
+        maps = [n for n in METHODS.names() if METHODS.get(n).output == "map"]
+        raise ValueError(
+            f"method: {label} makes an image (output {cls.output!r}), not a saliency map of the input, "
+            f"and a map is needed here. Map methods: {', '.join(maps)}"
+        )
+    check_options(cls, options)
+    if not issubclass(cls, LayerAttribution):
+        return cls(model, **options)
+    if layer is None:
+        try:
+            layer = default_layer(model)
+        except ValueError as err:
+            raise ValueError(
+                f"layer: method {label} explains a layer; {str(err).removeprefix('layer: ')}"
+            ) from None
+    return cls(model, layer=layer, **options)

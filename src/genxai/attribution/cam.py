@@ -31,6 +31,7 @@ from genxai.attribution.base import LayerAttribution, register
 from genxai.core.checks import check_positive_int
 from genxai.core.engine import autocast_context, batched_scores, forward_backward
 from genxai.core.hooks import Trace, resolve_layer
+from genxai.core.maps import minmax_normalize
 from genxai.core.targets import ClassLogit, Select, Target, evaluate
 
 
@@ -182,8 +183,9 @@ class ScoreCAM(BaseCAM):
     """Score-CAM: channel weights from the target scores of the input masked by each channel.
 
     Each channel's activation is upsampled to the input (bilinear, corners aligned), min-max scaled
-    to [0, 1] (a flat channel gives a zero mask, never NaN), and ``x * mask`` is scored; the weights
-    are the softmax over channels of those scores, as in pytorch-grad-cam. The N * K masked inputs
+    to [0, 1] (a flat channel gives a zero mask, never NaN; pytorch-grad-cam adds 1e-8 to the span,
+    so its masks reach 1 - 1e-8 / span), and ``x * mask`` is scored; the weights are the softmax
+    over channels of those scores, as in pytorch-grad-cam. The N * K masked inputs
     run ``batch_size`` rows per forward, many images and channels in one batch.
 
     Args:
@@ -205,10 +207,7 @@ class ScoreCAM(BaseCAM):
             masks = F.interpolate(
                 activations[image, channel][:, None], size=x.shape[-2:], mode="bilinear", align_corners=True
             )
-            low = masks.amin(dim=(2, 3), keepdim=True)
-            high = masks.amax(dim=(2, 3), keepdim=True)
-            masks = (masks - low) / (high - low + 1e-8)
-            return x[image] * masks.to(x.dtype), image
+            return x[image] * minmax_normalize(masks).to(x.dtype), image
 
         scores = batched_scores(
             self.model, make_batch, n * channels, target, batch_size=self.batch_size, autocast=self.autocast

@@ -16,20 +16,8 @@ from torch import nn
 
 from genxai.attribution.base import Attribution, register
 from genxai.core.checks import baseline_like, check_in_range, check_positive_int
-from genxai.core.engine import batched_scores, model_output
-from genxai.core.targets import Target, evaluate
-
-
-def bind_target(attribution: Attribution, x: torch.Tensor, target: Target) -> tuple[Target, torch.Tensor]:
-    """The target bound on the clean output of ``x``, and the clean scores (N,)."""
-    if target.layer is not None:
-        raise ValueError(
-            f"target: {target!r} scores a layer; perturbation methods explain the model's output "
-            "(pass a class index, a callable or an output target)"
-        )
-    output = model_output(attribution.model, x, attribution.autocast)
-    target = target.bind(output)
-    return target, evaluate(target, output, x.shape[0]).float()
+from genxai.core.engine import batched_scores
+from genxai.core.targets import Target, bind_target
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -90,7 +78,7 @@ class Occlusion(Attribution):
         n, _, height, width = x.shape
         rows, cols = self.windows(height, width, x.device)
         base = baseline_like(self.baseline if baseline is None else baseline, x)
-        target, clean = bind_target(self, x, target)
+        target, clean = bind_target(self.model, x, target, self.autocast)
         per_image = rows.shape[0] * cols.shape[0]
 
         def make_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +168,7 @@ class RISE(Attribution):
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
         n, _, height, width = x.shape
-        target, _ = bind_target(self, x, target)
+        target, _ = bind_target(self.model, x, target, self.autocast)
         grids, shifts = self.grids(height, width, x.device)
         saliency = torch.zeros(n, height, width, device=x.device)
         block = max(1, self.batch_size // n)

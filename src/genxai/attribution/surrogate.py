@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from genxai.attribution.base import Attribution, register
-from genxai.attribution.perturbation import bind_target
 from genxai.core.checks import baseline_like, check_images, check_in_range, check_positive_int
 from genxai.core.engine import batched_scores
-from genxai.core.targets import Target, as_target
+from genxai.core.maps import minmax_normalize
+from genxai.core.targets import Target, as_target, bind_target
 
 
 def weighted_least_squares(
@@ -122,10 +122,7 @@ def slic_segments(x: torch.Tensor, segments: int, compactness: float = 10.0) -> 
     from skimage.segmentation import slic
 
     check_positive_int(segments, "segments")
-    images = x.detach().float()
-    low = images.flatten(1).amin(1).view(-1, 1, 1, 1)
-    high = images.flatten(1).amax(1).view(-1, 1, 1, 1)
-    images = ((images - low) / (high - low).clamp_min(1e-12)).cpu().numpy()
+    images = minmax_normalize(x.detach().float()).cpu().numpy()
     labels = []
     for image in images:
         if image.shape[0] == 1:
@@ -271,7 +268,7 @@ class Surrogate(Attribution):
             segmentation = slic_segments(x, self.segments, self.compactness)
         labels, features = relabel(check_segmentation(segmentation, x))
         base = self._baseline(x, labels, features, self.baseline if baseline is None else baseline)
-        target, _ = bind_target(self, x, target)
+        target, _ = bind_target(self.model, x, target, self.autocast)
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)

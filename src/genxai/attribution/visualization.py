@@ -11,25 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genxai.attribution.base import Attribution, register
 from genxai.core.checks import check_choice, check_in_range, check_positive_int
 from genxai.core.engine import forward_backward, model_output
+from genxai.core.maps import gaussian_blur
 from genxai.core.targets import Target
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of each channel (replicated borders); sigma in pixels."""
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    out = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 @register("classmodel", "activationmaximization", "classmodelvisualization")
@@ -104,5 +92,6 @@ class ClassModelVisualization(Attribution):
                 grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
             image = image + self.lr * (grad - 2 * self.l2 * image)
             if self.blur_every and (step + 1) % self.blur_every == 0:
-                image = gaussian_blur(image, self.blur_sigma)
+                radius = max(1, math.ceil(3 * self.blur_sigma))  # at least 3 taps, borders replicated
+                image = gaussian_blur(image, self.blur_sigma, radius=radius, padding="replicate")
         return image

@@ -2,7 +2,10 @@
 
 * :func:`forward_backward`: one forward pass, the target's scores, and in one ``autograd.grad`` call
   the gradients of the summed scores with respect to the input and to any traced layers. Scores of
-  different images are independent (eval-mode models), so the summed gradient is per image.
+  different images are independent (eval-mode models), so the summed gradient is per image. The
+  same pass serves LRP: ``context`` rewrites the model (canonizers, rules) around the forward and
+  backward only, and ``output_relevance`` starts the backward at the model output with the
+  relevance ``d score / d output * output`` instead of differentiating the score.
 * :func:`batched_scores`: target scores of many derived inputs (masked, perturbed, interpolated
   copies) evaluated in chunks of ``batch_size`` under ``torch.no_grad``, peak memory bounded.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +27,17 @@ from torch import nn
 from genxai.core.hooks import TraceDict
 from genxai.core.targets import Target, evaluate
 
+ModelContext = Callable[[nn.Module], AbstractContextManager[Any]]
+"""``context(model)``: a context manager that temporarily rewrites the model (LRP's rules)."""
+
 
 @dataclass
-class Pass:
-    """What one forward/backward pass gives back; tensors are detached unless ``create_graph``."""
+class Gradients:
+    """What one forward/backward pass gives back; tensors are detached unless ``create_graph``.
+
+    ``input_grad`` and ``gradients`` hold d score / d (input, layer); with ``output_relevance``
+    they hold the relevance that reaches the input and the layers instead.
+    """
 
     output: Any
     scores: torch.Tensor
@@ -51,18 +62,27 @@ def forward_backward(
     input_grad: bool = True,
     create_graph: bool = False,
     autocast: torch.dtype | None = None,
-) -> Pass:
+    context: ModelContext | None = None,
+    output_relevance: bool = False,
+) -> Gradients:
     """Forward ``x``, score it with ``target`` and differentiate the scores.
 
     Args:
         layers: dotted names whose activations and gradients are returned.
         input_grad: also return d scores / d x.
         create_graph: keep the graph (for higher-order uses such as Discriminator training).
+        autocast: run the forward under ``torch.autocast`` with this dtype.
+        context: ``context(model)`` is entered around the forward and the backward (and left
+            however they end), e.g. LRP's canonizers and rules; None: the model as it is.
+        output_relevance: backpropagate ``d score / d output * output`` from the scored output
+            (LRP's seed: the explained logit itself for a class target) instead of d score, so
+            the rules in ``context`` turn the backward into relevance propagation.
     """
     layers = list(dict.fromkeys(layers))
     traced = layers + ([target.layer] if target.layer and target.layer not in layers else [])
     n = x.shape[0]
-    with torch.enable_grad(), TraceDict(model, traced, retain_grad=True) as traces:
+    rewrite = context(model) if context is not None else contextlib.nullcontext()
+    with torch.enable_grad(), rewrite, TraceDict(model, traced, retain_grad=True) as traces:
         inputs = x.detach().requires_grad_(input_grad)
         with autocast_context(x.device, autocast):
             output = model(inputs)
@@ -71,28 +91,63 @@ def forward_backward(
         scores = evaluate(target, scored, n).float()
         wrt = ([inputs] if input_grad else []) + [traces[name].output for name in layers]
         if not wrt:
-            return Pass(output=_detach(output, create_graph), scores=scores.detach())
+            return Gradients(output=_detach(output, create_graph), scores=scores.detach())
         if not scores.requires_grad:
             raise ValueError(
                 f"target: the scores of {target!r} do not depend on the input or the layers {layers} "
                 "(no gradient); check that the model is differentiable"
             )
-        grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True, create_graph=create_graph)
-        result = Pass(
+        if output_relevance:
+            grads = _relevance(scores, scored, wrt, create_graph)
+        else:
+            grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True, create_graph=create_graph)
+        result = Gradients(
             output=_detach(output, create_graph), scores=scores if create_graph else scores.detach()
         )
+        what = "relevance" if output_relevance else "gradient"
         if input_grad:
             grad, *grads = grads
             if grad is None:
-                raise ValueError("x: the target score does not depend on the input (no gradient)")
+                raise ValueError(f"x: the target score does not depend on the input (no {what} reaches it)")
             result.input_grad = grad
         for name, grad in zip(layers, grads):
             if grad is None:
-                raise ValueError(f"layer: the target score does not depend on layer {name!r} (no gradient)")
+                raise ValueError(
+                    f"layer: the target score does not depend on layer {name!r} (no {what} reaches it)"
+                )
             activation = traces[name].output
             result.activations[name] = activation if create_graph else activation.detach()
             result.gradients[name] = grad
     return result
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict output."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
+
+
+def _relevance(
+    scores: torch.Tensor, scored: Any, wrt: list[torch.Tensor], create_graph: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """Backpropagate the output relevance ``d score / d output * output`` from ``scored`` to ``wrt``."""
+    outputs = [t for t in _tensors(scored) if t.requires_grad]
+    grads = torch.autograd.grad(scores.sum(), outputs, retain_graph=True, allow_unused=True)
+    used = [(out, (grad * out).detach()) for out, grad in zip(outputs, grads) if grad is not None]
+    if not used:
+        raise ValueError("target: the scores do not depend on the model output (no relevance to propagate)")
+    return torch.autograd.grad(
+        [out for out, _ in used],
+        wrt,
+        [seed for _, seed in used],
+        allow_unused=True,
+        create_graph=create_graph,
+    )
 
 
 def _detach(output: Any, keep: bool) -> Any:

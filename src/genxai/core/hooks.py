@@ -224,3 +224,18 @@ def run_until(model: nn.Module, layer: str | nn.Module, *args: Any, **kwargs: An
     with Trace(model, layer, stop=True) as trace:
         model(*args, **kwargs)
     return trace.require_output()
+
+
+def default_layer(model: nn.Module) -> str:
+    """The layer CAM-style methods explain when none is named: ``model.default_layer`` if set, else
+    the top-level child that holds the last convolution (``layer4`` of a ResNet, ``features`` of a VGG)."""
+    name = getattr(model, "default_layer", None)
+    if isinstance(name, str):
+        return name
+    last = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last = module_name
+    if last is None:
+        raise ValueError(f"layer: {type(model).__name__} has no Conv2d; name the layer to explain")
+    return last.split(".")[0]

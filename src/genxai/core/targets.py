@@ -96,10 +96,14 @@ class ClassLogit(Target):
 
 
 class ClassProbability(ClassLogit):
-    """The softmax probability of class ``index`` (use for metrics defined on probabilities)."""
+    """The probability of class ``index`` (use for metrics defined on probabilities): the softmax over
+    the classes, or for a single-logit (N, 1) output the sigmoid of that logit (a softmax over one
+    column would be 1 for every image)."""
 
     def __call__(self, output: Any) -> torch.Tensor:
         output = _logits(output, "ClassProbability")
+        if output.ndim == 2 and output.shape[1] == 1:
+            return torch.sigmoid(super().__call__(output.float()))
         return super().__call__(F.softmax(output.float(), dim=1))
 
     def take(self, index: torch.Tensor) -> Target:
@@ -132,6 +136,46 @@ class Fake(DiscriminatorScore):
 
     def __init__(self) -> None:
         super().__init__(sign=-1.0)
+
+
+class Sigmoid(Target):
+    """The sigmoid of another target's score: a single-logit model's probability."""
+
+    def __init__(self, inner: Target) -> None:
+        if not isinstance(inner, Target):
+            raise TypeError(f"inner: expected a Target, got {type(inner).__name__}")
+        self.inner = inner
+        self.layer = inner.layer
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        return torch.sigmoid(self.inner(output).float())
+
+    def take(self, index: torch.Tensor) -> Target:
+        return Sigmoid(self.inner.take(index))
+
+    def __repr__(self) -> str:
+        return f"Sigmoid({self.inner!r})"
+
+
+def probability_target(target: Target) -> Target:
+    """The probability version of a bound class or discriminator target, decided here only.
+
+    A class (:class:`ClassLogit`) becomes :class:`ClassProbability`: the softmax over the classes,
+    or the sigmoid of the logit when the output has one column. A discriminator score (``Fake``
+    included) becomes its :class:`Sigmoid`. Anything else raises ValueError.
+    """
+    if isinstance(target, (ClassProbability, Sigmoid)):
+        return target
+    if isinstance(target, ClassLogit):
+        return ClassProbability(target.index)
+    if isinstance(target, DiscriminatorScore):
+        return Sigmoid(target)
+    if isinstance(target, Select):
+        return Select(target.key, probability_target(target.target))
+    raise ValueError(
+        f"score: 'probability' needs a class index or a discriminator target, got {target!r}; "
+        "pass score='logit' to use this target's score as it is"
+    )
 
 
 class Predicted(Target):
@@ -280,3 +324,23 @@ def evaluate(target: Target, output: Any, n: int) -> torch.Tensor:
             f"target: {target!r} must return one score per image, shape ({n},), got {tuple(scores.shape)}"
         )
     return scores
+
+
+def bind_target(
+    model: torch.nn.Module, x: torch.Tensor, target: Target, autocast: torch.dtype | None = None
+) -> tuple[Target, torch.Tensor]:
+    """``target`` bound on the clean output of ``model(x)``, and the clean scores (N,) in float32.
+
+    Methods that score many perturbed copies of ``x`` (occlusion, RISE, LIME, KernelSHAP) call this
+    first, so the explained class stays the one predicted for the clean image.
+    """
+    from genxai.core.engine import model_output  # the engine imports this module
+
+    if target.layer is not None:
+        raise ValueError(
+            f"target: {target!r} scores a layer; perturbation methods explain the model's output "
+            "(pass a class index, a callable or an output target)"
+        )
+    output = model_output(model, x, autocast)
+    target = target.bind(output)
+    return target, evaluate(target, output, x.shape[0]).float()

@@ -5,7 +5,8 @@
     guide = discriminator_guidance(d, schedule=schedule, weight=1.0)   # a sampler's ``guidance``
 
 * :func:`saliency`: ``|d fake_score / d x0_hat|`` with ``fake_score = -logit``, max of abs over
-  channels (Simonyan et al.); any registered attribution method may replace the gradient.
+  channels (Simonyan et al.); any registered attribution method that makes a map may replace the
+  gradient (built by name with :func:`genxai.attribution.build`, options checked).
 * :func:`noise_weight`: ``s = S / mean(S)``, ``w = 1 + gamma (s - 1)``, Gaussian blur, then
   ``w = clamp(c * w, w_min, w_max)`` with the per-image scalar c making ``mean(w^2) = 1`` (the
   noise energy of Process1). ``mean(clamp(c w)^2)`` grows with c, so batched bisection on log c
@@ -19,17 +20,18 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from genxai.attribution import LayerAttribution, Saliency, get, reduce_channels
+from genxai.attribution import LayerAttribution, build, get, reduce_channels
 from genxai.core.checks import check_choice, check_in_range, check_positive_int
 from genxai.core.engine import forward_backward
-from genxai.core.hooks import get_module
+from genxai.core.hooks import default_layer, get_module
+from genxai.core.maps import gaussian_blur  # noise_weight's blur; importable from here too
 from genxai.core.targets import DiscriminatorScore, Fake
-from genxai.diffusion.schedule import NoiseSchedule
+from genxai.diffusion.schedule import NoiseSchedule, as_timesteps
 
 
 class _TimeBatchMismatch(Exception):
@@ -49,27 +51,13 @@ class TimeConditioned(nn.Module):
         self.t = t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.t
-        if t.shape[0] != x.shape[0]:
-            if t.shape[0] != 1:
-                raise _TimeBatchMismatch
-            t = t.expand(x.shape[0])
-        return self.discriminator(x, t)
+        if self.t.shape[0] not in (1, x.shape[0]):
+            raise _TimeBatchMismatch
+        return self.discriminator(x, as_timesteps(self.t, x.shape[0], x.device))
 
 
 def _is_time_aware(discriminator: nn.Module) -> bool:
     return bool(getattr(discriminator, "time_aware", False))
-
-
-def _as_timesteps(t: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.tensor(t)
-    t = t.to(device)
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.shape != (n,) or t.is_floating_point():
-        raise ValueError(f"t: expected ({n},) integer timesteps or an int, got {t.dtype} {tuple(t.shape)}")
-    return t
 
 
 def _bound(discriminator: nn.Module, t: torch.Tensor | int | None, n: int, device: torch.device) -> nn.Module:
@@ -78,7 +66,7 @@ def _bound(discriminator: nn.Module, t: torch.Tensor | int | None, n: int, devic
         return discriminator
     if t is None:
         raise ValueError("t: the discriminator is time-aware; pass the timesteps of x0_hat")
-    return TimeConditioned(discriminator, _as_timesteps(t, n, device))
+    return TimeConditioned(discriminator, as_timesteps(t, n, device))
 
 
 def _check_batch(x: torch.Tensor, name: str) -> None:
@@ -94,8 +82,9 @@ def saliency(
     t: torch.Tensor | int | None = None,
     method: str = "saliency",
     *,
+    layer: str | nn.Module | None = None,
     reduce: str = "max_abs",
-    **method_kwargs,
+    **options: Any,
 ) -> torch.Tensor:
     """Where D sees "fake" in ``x0_hat``: a non-negative (N, 1, H, W) float32 map.
 
@@ -103,65 +92,57 @@ def saliency(
         discriminator: D, (N, C, H, W) -> (N, 1) logits (real high); time-aware D get ``t``.
         x0_hat: the denoised estimates (any graph they carry is not followed).
         t: their timesteps (N,) or an int; used only by a time-aware D.
-        method: a registered attribution method (``genxai.attribution.names()``): the plain
-            gradient by default (one forward/backward), ``"smoothgrad"``, ``"gradcam"`` (pass
-            ``layer=``; default ``d.cam_layer`` for our :class:`Discriminator`),
-            ``"integratedgradients"``, ``"lrp"``, ...
+        method: a registered attribution method that makes a map (``genxai.attribution.names()``):
+            the plain gradient by default (one forward/backward), ``"smoothgrad"``, ``"gradcam"``,
+            ``"integratedgradients"``, ``"lrp"``, ... Class model visualisation makes an image,
+            not a map, and is refused (ValueError).
+        layer: D's layer for layer methods (a dotted name of D's modules or the module); None:
+            ``d.cam_layer`` for our :class:`Discriminator`, else D's default layer. Other methods
+            ignore it, so one call serves any configured method.
         reduce: how multi-channel maps become one (``genxai.attribution.reduce_channels``);
             single-channel maps are reduced the same way (max_abs: their absolute value).
-        method_kwargs: options of the method (``layer``, ``samples``, ``autocast``, ...).
+        options: constructor options of the method (``samples``, ``autocast``, ...); one it does
+            not take is a ValueError naming the method, the option and the closest accepted ones.
 
     D is left as it was: no hooks stay, no ``.grad`` is accumulated, its mode is not changed.
     """
     _check_batch(x0_hat, "x0_hat")
-    cls = get(method)
+    layer, options = _on_discriminator(discriminator, method, layer, options)
     model = _bound(discriminator, t, x0_hat.shape[0], x0_hat.device)
-    if cls is Saliency and set(method_kwargs) <= {"autocast"}:
-        grad = forward_backward(model, x0_hat, Fake(), autocast=method_kwargs.get("autocast")).input_grad
-        return reduce_channels(grad.float(), reduce)
-    if (
-        issubclass(cls, LayerAttribution)
-        and "layer" not in method_kwargs
-        and hasattr(discriminator, "cam_layer")
-    ):
-        method_kwargs["layer"] = discriminator.cam_layer
-    for key in ("layer", "fc"):  # names refer to D's modules, also when D is wrapped with its t
-        if isinstance(method_kwargs.get(key), str):
-            method_kwargs[key] = get_module(discriminator, method_kwargs[key])
+    explain = build(method, model, layer, require_map=True, **options)
     try:
-        maps = cls(model, **method_kwargs)(x0_hat, target=Fake())
+        maps = explain(x0_hat, target=Fake())
     except _TimeBatchMismatch:
         # The method evaluates copies of the images in its own batches: explain one timestep at a time.
         maps = None
         for value in torch.unique(model.t):
             rows = (model.t == value).nonzero()[:, 0]
-            part = cls(TimeConditioned(discriminator, value.view(1)), **method_kwargs)(
-                x0_hat[rows], target=Fake()
-            )
+            bound = TimeConditioned(discriminator, value.view(1))
+            part = build(method, bound, layer, require_map=True, **options)(x0_hat[rows], target=Fake())
             if maps is None:
                 maps = part.new_zeros(x0_hat.shape[0], *part.shape[1:])
             maps[rows] = part
     return reduce_channels(maps.float(), reduce)
 
 
+def _on_discriminator(
+    discriminator: nn.Module, method: str, layer: str | nn.Module | None, options: dict[str, Any]
+) -> tuple[nn.Module | None, dict[str, Any]]:
+    """Layer and ``fc`` named on D itself, as modules (D may be wrapped with its timesteps)."""
+    options = dict(options)
+    if issubclass(get(method), LayerAttribution):
+        if layer is None:
+            layer = getattr(discriminator, "cam_layer", None) or default_layer(discriminator)
+        if isinstance(layer, str):
+            layer = get_module(discriminator, layer)
+    else:
+        layer = None  # build passes a layer to layer methods only
+    if isinstance(options.get("fc"), str):
+        options["fc"] = get_module(discriminator, options["fc"])
+    return layer, options
+
+
 # -- noise weights ----------------------------------------------------------------------------------
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) maps (reflect padding, radius ceil(3 sigma))."""
-    if sigma <= 0:
-        return x
-    h, w = x.shape[-2:]
-    radius = min(math.ceil(3 * sigma), h - 1, w - 1)
-    if radius < 1:
-        return x
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def fit_energy(
     w: torch.Tensor, w_min: float = 0.5, w_max: float = 2.0, bisection_steps: int = 30
 ) -> torch.Tensor:
@@ -254,7 +235,7 @@ def anneal_weight(
     starts from.
     """
     _check_range(w_min, w_max)
-    t = _as_timesteps(t, w.shape[0], w.device)
+    t = as_timesteps(t, w.shape[0], w.device)
     a = ((num_timesteps - 1 - t).float() / (num_timesteps - 1)).clamp(0, 1).view(-1, *[1] * (w.ndim - 1))
     return fit_energy(1 + a * (w.float() - 1), w_min, w_max, bisection_steps)
 
@@ -286,7 +267,7 @@ class DiscriminatorGuidance:
         if self.weight == 0:
             return eps
         _check_batch(x_t, "x_t")
-        t = _as_timesteps(t, x_t.shape[0], x_t.device)
+        t = as_timesteps(t, x_t.shape[0], x_t.device)
         model = _bound(self.discriminator, t, x_t.shape[0], x_t.device)
         scale = self.schedule.gather("sqrt_one_minus_alphas_cumprod", t) * self.weight
         if self.on == "x_t":

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from genxai.core.checks import check_in_range, check_positive_int
+from genxai.core.hooks import default_layer as default_layer  # re-exported: genxai.models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -291,18 +292,3 @@ def load_model(spec: str | Path, weights: str | Path | None = None, *, classes: 
     if any(sep in str(spec) for sep in ("/", "\\")) or path.suffix:
         raise FileNotFoundError(f"model: no checkpoint at {spec}")
     return load_torchvision(str(spec), weights, classes=classes)
-
-
-def default_layer(model: nn.Module) -> str:
-    """The layer CAM methods explain when none is named: ``model.default_layer`` if set, else the
-    top-level child that holds the last convolution (``layer4`` of a ResNet, ``features`` of a VGG)."""
-    name = getattr(model, "default_layer", None)
-    if isinstance(name, str):
-        return name
-    last = None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last = module_name
-    if last is None:
-        raise ValueError(f"layer: {type(model).__name__} has no Conv2d; name the layer to explain")
-    return last.split(".")[0]

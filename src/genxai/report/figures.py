@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from genxai.attribution.base import normalize_maps, reduce_channels
+from genxai.attribution.base import reduce_channels
+from genxai.core.maps import minmax_normalize
 
 
 @lru_cache(maxsize=8)
@@ -47,7 +48,7 @@ def as_heatmap(maps: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"maps: expected shape (N, C, H, W) or (N, H, W), got {tuple(maps.shape)}")
     if maps.shape[1] > 1:
         maps = reduce_channels(maps, "max_abs")
-    return normalize_maps(maps)
+    return minmax_normalize(maps)
 
 
 def colorize(maps: torch.Tensor, cmap: str = "jet") -> torch.Tensor:

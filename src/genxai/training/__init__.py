@@ -6,6 +6,7 @@ stop, logging and the progress bar. See :mod:`genxai.training.loop`.
 """
 
 from genxai.training.ema import EMA
-from genxai.training.loop import Event, Loop, LoopConfig, NonFiniteLossError, TrainStep
+from genxai.training.loop import Loop, LoopConfig, NonFiniteLossError
+from genxai.training.step import Event, TrainStep
 
 __all__ = ["EMA", "Event", "Loop", "LoopConfig", "NonFiniteLossError", "TrainStep"]

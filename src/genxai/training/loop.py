@@ -28,7 +28,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +40,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from genxai.config import config_to_dict, save_config
 from genxai.core.checks import check_positive_int
-from genxai.data.batches import ResumableBatches, collate_images
+from genxai.data.batches import ResumableBatches
 from genxai.training import checkpoint
 from genxai.training.ema import EMA
 from genxai.training.logger import MetricsLogger
+from genxai.training.step import Event, TrainStep
 
 R = TypeVar("R")
 
@@ -76,20 +76,6 @@ class LoopConfig:
 
 
 @dataclass
-class Event:
-    """Something the main process does every ``every`` units (0: never) and/or at the end.
-
-    ``run`` returns metrics to log in ``evals.jsonl`` or None. It runs with every tracked model in
-    eval mode and the RNG forked, so it never changes what is trained.
-    """
-
-    name: str
-    every: int
-    run: Callable[[], dict[str, float] | None]
-    at_end: bool = False
-
-
-@dataclass
 class Tracked:
     """A model the loop trains and checkpoints, with its optimiser and options."""
 
@@ -100,69 +86,6 @@ class Tracked:
     warmup: int
     base_lrs: list[float]
     counts: bool
-
-
-class TrainStep(ABC):
-    """One method's part of training: its models, one iteration, its events.
-
-    Class attributes: ``unit``/``units`` name what the loop counts (optimiser steps of the model
-    added with ``counts=True``); ``columns`` are the values the step logs (``metrics.csv``);
-    ``config`` (a dataclass) is saved as ``config.yaml`` and in every checkpoint, and a resumed run
-    must match it except for the dotted keys in ``resume_ignores``.
-    """
-
-    unit: str = "step"
-    units: str = "steps"
-    columns: tuple[str, ...] = ()
-    find_unused_parameters: bool = False
-    config: Any = None
-    resume_ignores: tuple[str, ...] = ()
-
-    @abstractmethod
-    def build(self, loop: Loop) -> None:
-        """Create the models (seeded by the loop) and register them with :meth:`Loop.add_model`."""
-
-    @property
-    @abstractmethod
-    def total_iterations(self) -> int:
-        """Iterations of the whole run."""
-
-    @property
-    def total_units(self) -> int:
-        """Units of the whole run (default: one per iteration)."""
-        return self.total_iterations
-
-    @abstractmethod
-    def __call__(self, loop: Loop, batch: Any) -> None:
-        """One iteration on ``batch`` (this process's share, on the device)."""
-
-    def collate(self, items: list[Any]) -> Any:
-        """A batch from data set items (default: their images stacked)."""
-        return collate_images(items)
-
-    def describe(self, iteration: int) -> str:
-        """The progress bar's label at ``iteration``."""
-        return ""
-
-    def log_fields(self, iteration: int) -> dict[str, Any]:
-        """Extra values of the ``metrics.csv`` row after ``iteration`` (e.g. the phase)."""
-        return {}
-
-    def before_fit(self, loop: Loop) -> None:
-        """Main process, before the first iteration: fail early on what would fail later."""
-        return None
-
-    def events(self) -> list[Event]:
-        """The periodic events (sample grids, evaluations)."""
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        """Extra state to checkpoint (JSON-able values and tensors)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        return None
 
 
 class Loop:

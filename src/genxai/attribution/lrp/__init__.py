@@ -18,7 +18,7 @@ from genxai.attribution.lrp.composites import (
     NameMap,
     get_composite,
 )
-from genxai.attribution.lrp.lrp import LRP, Relevance, RelevanceCAM, relevance
+from genxai.attribution.lrp.lrp import LRP, RelevanceCAM, lrp_context, relevance_pass
 from genxai.attribution.lrp.rules import (
     AlphaBeta,
     Epsilon,
@@ -50,7 +50,6 @@ __all__ = [
     "NameMap",
     "Norm",
     "Pass",
-    "Relevance",
     "RelevanceCAM",
     "ResNetCanonizer",
     "Rule",
@@ -60,6 +59,7 @@ __all__ = [
     "ZPlus",
     "attach",
     "get_composite",
-    "relevance",
+    "lrp_context",
+    "relevance_pass",
     "stabilize",
 ]

@@ -5,8 +5,9 @@ convolution is an affine map of its own; :class:`MergeBatchNorm` folds it into t
 (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``) and makes the
 BatchNorm the identity, so the model computes the same function and the rules see one layer.
 
-``with canonizer.apply(model):`` makes the change; leaving the block, however it is left, puts the
-original Parameter objects back (untouched, so bitwise equal) and the BatchNorm's own forward.
+``with canonizer.apply(model):`` makes the change (through :class:`genxai.core.patching.Patch`);
+leaving the block, however it is left, puts the original Parameter objects back (untouched, so
+bitwise equal) and the BatchNorm's own forward.
 
 A residual addition (``out += identity`` in a torchvision ResNet block) is no module, so no rule
 sees it and plain gradient splits its relevance equally between the two branches.
@@ -27,7 +28,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from genxai.attribution.lrp.rules import LINEAR_LAYERS, replace_forward
+from genxai.attribution.lrp.rules import LINEAR_LAYERS
+from genxai.core.patching import Patch
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -98,14 +100,12 @@ def merge_batch_norm(layer: nn.Module, norm: nn.Module, name: str = "") -> Itera
             f"model: the layer before a BatchNorm{where} has no plain weight Parameter to merge into"
         )
     weight, bias = merged_parameters(layer, norm)
-    saved = {key: layer._parameters.get(key) for key in ("weight", "bias")}
-    try:
-        layer._parameters["weight"] = nn.Parameter(weight, requires_grad=saved["weight"].requires_grad)
-        layer._parameters["bias"] = nn.Parameter(bias, requires_grad=saved["weight"].requires_grad)
-        with replace_forward(norm, _identity):
-            yield layer
-    finally:
-        layer._parameters.update(saved)
+    requires_grad = layer.weight.requires_grad
+    with Patch() as patch:
+        patch.parameter(layer, "weight", weight)
+        patch.parameter(layer, "bias", bias, requires_grad=requires_grad)
+        patch.forward(norm, _identity)
+        yield layer
 
 
 class MergeBatchNorm(Canonizer):
@@ -163,12 +163,10 @@ def sum_residual(block: nn.Module) -> Iterator[nn.Module]:
     if "canonizer_sum" in block._modules:
         raise ValueError("model: a ResNet block already has a 'canonizer_sum' (canonizer applied twice?)")
     forward = _bottleneck_forward if isinstance(block, Bottleneck) else _basic_block_forward
-    block._modules["canonizer_sum"] = Sum()
-    try:
-        with replace_forward(block, partial(forward, block)):
-            yield block
-    finally:
-        block._modules.pop("canonizer_sum", None)
+    with Patch() as patch:
+        patch.submodule(block, "canonizer_sum", Sum())
+        patch.forward(block, partial(forward, block))
+        yield block
 
 
 class ResNetCanonizer(Canonizer):

@@ -11,13 +11,16 @@ The output relevance (the *seed*) is ``d score / d output * output``: the one-ho
 class target, the logit itself for a single-logit discriminator, and the same formula for any
 callable target. Relevance-CAM (Lee et al., CVPR 2021) weighs a layer's channels by the relevance
 that reaches them: ``cam = ReLU(sum_k w_k A_k)`` with ``w_k = sum_ij R_k(i, j)``.
+
+Both run the one forward/backward pass of :func:`genxai.core.engine.forward_backward`, with the
+model rewritten by :func:`lrp_context` around it and ``output_relevance=True`` (the seed above).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,78 +36,44 @@ from genxai.attribution.lrp.canonizers import (
     check_canonizers,
 )
 from genxai.attribution.lrp.composites import Composite, get_composite
-from genxai.core.engine import autocast_context
-from genxai.core.hooks import TraceDict
-from genxai.core.targets import Target, evaluate
+from genxai.core.engine import Gradients, forward_backward
+from genxai.core.targets import Target
 
 
-@dataclass
-class Relevance:
-    """What one relevance pass gives back (all detached)."""
-
-    input: torch.Tensor
-    scores: torch.Tensor
-    layer: torch.Tensor | None = None
-    activation: torch.Tensor | None = None
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
-    return []
+@contextmanager
+def lrp_context(
+    model: nn.Module, composite: Composite, canonizers: Sequence[Canonizer] = ()
+) -> Iterator[nn.Module]:
+    """The model rewritten for LRP inside the block: ``canonizers`` first, then the composite's
+    canonizers and rules. Leaving the block, however it is left, restores the model exactly."""
+    with ExitStack() as stack:
+        for canonizer in canonizers:
+            stack.enter_context(canonizer.apply(model))
+        stack.enter_context(composite.context(model))
+        yield model
 
 
-def relevance(
+def relevance_pass(
     model: nn.Module,
     x: torch.Tensor,
     target: Target,
     composite: Composite,
     canonizers: Sequence[Canonizer] = (),
     *,
-    layer: str | None = None,
+    layers: Sequence[str] = (),
     autocast: torch.dtype | None = None,
-) -> Relevance:
-    """One forward and one modified backward: the relevance of ``x`` (and of ``layer``'s output).
-
-    The model is rewritten (canonizers, then the composite's rules) only inside this call.
-    """
-    n = x.shape[0]
-    layers = [layer] if layer else []
-    traced = list(dict.fromkeys(layers + ([target.layer] if target.layer else [])))
-    with ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        for canonizer in canonizers:
-            stack.enter_context(canonizer.apply(model))
-        stack.enter_context(composite.context(model))
-        traces = stack.enter_context(TraceDict(model, traced, retain_grad=True))
-        inputs = x.detach().requires_grad_(True)
-        with autocast_context(x.device, autocast):
-            output = model(inputs)
-        traces.require_outputs()
-        scored = traces[target.layer].output if target.layer else output
-        target = target.bind(scored)
-        scores = evaluate(target, scored, n)
-        outputs = [t for t in _tensors(scored) if t.requires_grad]
-        if not scores.requires_grad or not outputs:
-            raise ValueError(f"target: the scores of {target!r} do not depend on the input (no gradient)")
-        grads = torch.autograd.grad(scores.sum(), outputs, retain_graph=True, allow_unused=True)
-        used = [(out, (grad * out).detach()) for out, grad in zip(outputs, grads) if grad is not None]
-        wrt = [inputs] + [traces[name].output for name in layers]
-        found = torch.autograd.grad(
-            [out for out, _ in used], wrt, [seed for _, seed in used], allow_unused=True
-        )
-    if found[0] is None:
-        raise ValueError("x: the target score does not depend on the input (no relevance reaches it)")
-    result = Relevance(input=found[0], scores=scores.detach())
-    if layer:
-        if found[1] is None:
-            raise ValueError(f"layer: the target score does not depend on layer {layer!r}")
-        result.layer, result.activation = found[1], traces[layer].output.detach()
-    return result
+) -> Gradients:
+    """One forward and one relevance backward through :func:`genxai.core.engine.forward_backward`:
+    ``input_grad`` is the input's relevance, ``gradients[name]`` the relevance of ``layers``."""
+    return forward_backward(
+        model,
+        x,
+        target,
+        layers=layers,
+        autocast=autocast,
+        context=partial(lrp_context, composite=composite, canonizers=canonizers),
+        output_relevance=True,
+    )
 
 
 def default_canonizers(
@@ -147,8 +116,10 @@ class LRP(Attribution):
         self.canonizers = default_canonizers(model, self.composite, canonizers)
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        result = relevance(self.model, x, target, self.composite, self.canonizers, autocast=self.autocast)
-        return result.input
+        result = relevance_pass(
+            self.model, x, target, self.composite, self.canonizers, autocast=self.autocast
+        )
+        return result.input_grad
 
 
 @register("relevancecam")
@@ -173,16 +144,17 @@ class RelevanceCAM(LayerAttribution):
         self.canonizers = default_canonizers(model, self.composite, canonizers)
 
     def attribute(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        result = relevance(
+        result = relevance_pass(
             self.model,
             x,
             target,
             self.composite,
             self.canonizers,
-            layer=self.layer_name,
+            layers=[self.layer_name],
             autocast=self.autocast,
         )
-        activation, layer_relevance = result.activation.float(), result.layer.float()
+        activation = result.activations[self.layer_name].float()
+        layer_relevance = result.gradients[self.layer_name].float()
         if activation.ndim != 4:
             raise ValueError(
                 f"layer: {self.layer_name!r} gives activations of shape {tuple(activation.shape)}; "

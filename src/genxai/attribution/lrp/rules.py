@@ -11,9 +11,10 @@ Flat and WSquare use ``x_t = 1``, so there the product with the input drops out.
 Gamma run the step twice (positive and negative parts) and combine the results.
 
 A rule is attached to a module by :func:`attach` (a context manager): the module's ``forward``
-is replaced by one that runs the original forward inside a ``torch.autograd.Function`` whose
-backward applies the rule, so the gradient that flows backward *is* the relevance. Nothing else
-of the module changes and leaving the context restores ``forward`` exactly.
+is replaced (through :class:`genxai.core.patching.Patch`) by one that runs the original forward
+inside a ``torch.autograd.Function`` whose backward applies the rule, so the gradient that flows
+backward *is* the relevance. Nothing else of the module changes and leaving the context restores
+``forward`` exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from genxai.core.checks import check_in_range
+from genxai.core.patching import Patch
 
 Modifier = Callable[[torch.Tensor], torch.Tensor]
 
@@ -378,21 +380,6 @@ class RuleForward:
 
 
 @contextmanager
-def replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[nn.Module]:
-    """Temporarily set ``module.forward``; the previous state (usually none) comes back on exit."""
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.__dict__["forward"] = forward
-    try:
-        yield module
-    finally:
-        if had:
-            module.__dict__["forward"] = previous
-        else:
-            module.__dict__.pop("forward", None)
-
-
-@contextmanager
 def attach(module: nn.Module, rule: Rule, name: str = "") -> Iterator[nn.Module]:
     """Apply ``rule`` to ``module`` inside the context; the module is restored however it is left."""
     if not isinstance(rule, Rule):
@@ -404,5 +391,6 @@ def attach(module: nn.Module, rule: Rule, name: str = "") -> Iterator[nn.Module]
             f"composite: {rule!r} rewrites weights and biases, so it needs a Linear, Conv or ConvTranspose "
             f"layer; {name or 'the module'!r} is a {type(module).__name__}"
         )
-    with replace_forward(module, RuleForward(module, rule, name)):
+    with Patch() as patch:
+        patch.forward(module, RuleForward(module, rule, name))
         yield module
