@@ -176,9 +176,9 @@ class Composite:
 COMPOSITES: Registry[type[Composite]] = Registry("LRP composite")
 
 
-@COMPOSITES.register("epsilon-plus")
-class EpsilonPlus(Composite):
-    """z+ for convolutions, epsilon for dense layers."""
+class _EpsilonDense(Composite):
+    """Epsilon for dense layers and :meth:`convolution_rule` for convolutions (user ``type_map``
+    entries first); :meth:`first_rules` for the first linear or convolutional layer."""
 
     def __init__(
         self,
@@ -187,42 +187,39 @@ class EpsilonPlus(Composite):
         type_map: RuleMap | None = None,
         canonizers: Sequence[Canonizer] | None = None,
     ) -> None:
-        rules = [(CONVOLUTIONS, ZPlus(stabilizer)), (DENSE, Epsilon(epsilon))]
-        super().__init__(type_map=_pairs(type_map, "type_map") + rules, canonizers=canonizers)
+        rules = [(CONVOLUTIONS, self.convolution_rule(stabilizer)), (DENSE, Epsilon(epsilon))]
+        super().__init__(
+            type_map=_pairs(type_map, "type_map") + rules,
+            first=self.first_rules(stabilizer),
+            canonizers=canonizers,
+        )
+
+    def convolution_rule(self, stabilizer: float) -> Rule:
+        return ZPlus(stabilizer)
+
+    def first_rules(self, stabilizer: float) -> RuleMap | None:
+        return None
+
+
+@COMPOSITES.register("epsilon-plus")
+class EpsilonPlus(_EpsilonDense):
+    """z+ for convolutions, epsilon for dense layers."""
 
 
 @COMPOSITES.register("epsilon-alpha2-beta1")
-class EpsilonAlpha2Beta1(Composite):
+class EpsilonAlpha2Beta1(_EpsilonDense):
     """alpha=2, beta=1 for convolutions, epsilon for dense layers."""
 
-    def __init__(
-        self,
-        epsilon: float = 1e-6,
-        stabilizer: float = 1e-6,
-        type_map: RuleMap | None = None,
-        canonizers: Sequence[Canonizer] | None = None,
-    ) -> None:
-        rules = [(CONVOLUTIONS, AlphaBeta(2.0, 1.0, stabilizer)), (DENSE, Epsilon(epsilon))]
-        super().__init__(type_map=_pairs(type_map, "type_map") + rules, canonizers=canonizers)
+    def convolution_rule(self, stabilizer: float) -> Rule:
+        return AlphaBeta(2.0, 1.0, stabilizer)
 
 
 @COMPOSITES.register("epsilon-plus-flat")
-class EpsilonPlusFlat(Composite):
+class EpsilonPlusFlat(_EpsilonDense):
     """Flat for the first linear or convolutional layer, z+ for convolutions, epsilon for dense layers."""
 
-    def __init__(
-        self,
-        epsilon: float = 1e-6,
-        stabilizer: float = 1e-6,
-        type_map: RuleMap | None = None,
-        canonizers: Sequence[Canonizer] | None = None,
-    ) -> None:
-        rules = [(CONVOLUTIONS, ZPlus(stabilizer)), (DENSE, Epsilon(epsilon))]
-        super().__init__(
-            type_map=_pairs(type_map, "type_map") + rules,
-            first=[(CONVOLUTIONS + DENSE, Flat(stabilizer))],
-            canonizers=canonizers,
-        )
+    def first_rules(self, stabilizer: float) -> RuleMap | None:
+        return [(CONVOLUTIONS + DENSE, Flat(stabilizer))]
 
 
 class EpsilonGammaBox(Composite):
