@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from genxai.data.batches import image_batches
 from genxai.diffusion.config import (
     ExperimentConfig,
     build_discriminator,
@@ -40,7 +39,7 @@ from genxai.diffusion.sampling import (
 )
 from genxai.diffusion.schedule import NoiseSchedule
 from genxai.diffusion.unet import UNet
-from genxai.evaluation.fid import FID, select_features
+from genxai.evaluation.fid import FID, reference_statistics, select_features
 from genxai.training import checkpoint
 
 
@@ -224,8 +223,7 @@ def reference_fid(
         seed=cfg.seed,
         device=device,
     )
-    fid = FID(extractor, device)
     limit = e.real_images if real_images is None else real_images
-    for batch in image_batches(dataset, limit or len(dataset), batch_size or e.batch_size):
-        fid.update(batch.float().to(device), real=True)
-    return fid
+    return reference_statistics(
+        extractor, dataset, count=limit, batch_size=batch_size or e.batch_size, device=device
+    )

@@ -336,6 +336,25 @@ def select_features(
     return load_feature_classifier(path, device)
 
 
+def reference_statistics(
+    extractor: FeatureExtractor,
+    dataset: Dataset,
+    *,
+    count: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> FID:
+    """An :class:`FID` holding the statistics of the first ``count`` images of ``dataset`` (0: all),
+    read ``batch_size`` at a time; add generated images and compute, as often as needed."""
+    from genxai.data.batches import image_batches
+
+    check_positive_int(batch_size, "batch_size")
+    fid = FID(extractor, device)
+    for batch in image_batches(dataset, count or len(dataset), batch_size):
+        fid.update(batch.float(), real=True)
+    return fid
+
+
 def compute_fid(
     real_batches: Iterable[torch.Tensor],
     fake_batches: Iterable[torch.Tensor],
