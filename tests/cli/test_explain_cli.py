@@ -4,9 +4,13 @@ bad input, and two processes under ``accelerate launch``."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,14 +251,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_under_accelerate_launch(workspace, tmp_path):
-    """Two CPU processes, each explaining half of the images; the main one merges the metrics.
+def _launch(*args: str, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes of the genxai CLI (or of ``script``) with ``args``.
 
     ``accelerate launch --cpu --num_processes 2`` starts a single process unless MPI is set up
     (accelerate's CPU launcher is mpirun); ``--multi_gpu`` uses torchrun, which starts the two
     processes, and ``--device cpu`` makes them talk over gloo, with or without GPUs.
     """
-    out = tmp_path / "run"
     command = [
         sys.executable,
         "-m",
@@ -270,36 +273,184 @@ def test_two_processes_under_accelerate_launch(workspace, tmp_path):
         "no",
         "--main_process_port",
         str(_free_port()),
-        "-m",
-        "genxai.cli",
-        "explain",
-        "--model",
-        str(workspace / "ckpt"),
-        "--images",
-        str(workspace / "images"),
-        "--out",
-        str(out),
-        "--method",
-        "saliency",
-        "--method",
-        "inputxgradient",
-        "--size",
-        "32",
-        "--batch-size",
-        "1",
-        "--curve-steps",
-        "2",
-        "--device",
-        "cpu",
+        *(["-m", "genxai.cli"] if script is None else [str(script)]),
+        *args,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+METRIC_KEYS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc")
+
+
+def _explain_args(workspace, images, out, *methods: str) -> list[str]:
+    args = ["explain", "--model", str(workspace / "ckpt"), "--images", str(images), "--out", str(out)]
+    args += [arg for method in methods for arg in ("--method", method)]
+    return [*args, "--size", "32", "--batch-size", "1", "--curve-steps", "2", "--device", "cpu"]
+
+
+def test_two_processes_under_accelerate_launch(workspace, tmp_path):
+    """Two CPU processes, each explaining its share of 5 images (3 and 2: one process has a batch
+    round without a batch); their metrics merge by torchmetrics' sync and equal a 1-process run's."""
+    images, _, _ = generate_shapes(5, 32, seed=6)
+    for i, image in enumerate(images):
+        save_png(image, tmp_path / "images" / f"img{i}.png")
+    out = tmp_path / "run"
+    args = _explain_args(workspace, tmp_path / "images", out, "saliency", "inputxgradient")
+    done = _launch(*args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sorted(p.name for p in (out / "parts").iterdir()) == ["rank-0.json", "rank-1.json"]
-    shards = [json.loads((out / "parts" / f"rank-{r}.json").read_text())["rows"] for r in (0, 1)]
-    assert all({row["image"] for row in rows} for rows in shards)  # both processes did work
+    assert not (out / "parts").exists()  # no per-process files: the metrics merge in memory
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["per_image"]) == 4 * 2
-    assert {r["images"] for r in metrics["summary"]} == {4}
-    assert len(list((out / "maps").glob("*.safetensors"))) == 4
+    rows = metrics["per_image"]
+    processes = {r["image"]: r["process"] for r in rows}
+    assert processes == {"img0": 0, "img1": 0, "img2": 0, "img3": 1, "img4": 1}  # both did work
+    assert len(rows) == 5 * 2
+    assert {r["images"] for r in metrics["summary"]} == {5}
+    assert len(list((out / "maps").glob("*.safetensors"))) == 5
     assert json.loads((out / "config.json").read_text())["processes"] == 2
     assert (out / "report.html").is_file()
+
+    single = tmp_path / "single"
+    result = runner.invoke(
+        app, _explain_args(workspace, tmp_path / "images", single, "saliency", "inputxgradient")
+    )
+    assert result.exit_code == 0, result.output
+    alone = json.loads((single / "metrics.json").read_text())
+    assert [(r["image"], r["method"]) for r in alone["per_image"]] == [
+        (r["image"], r["method"]) for r in rows
+    ]
+    keys = ("target", "predicted", "probability", "win_percent", *METRIC_KEYS)
+    for merged, reference in zip(rows, alone["per_image"]):
+        assert {k: merged[k] for k in keys} == pytest.approx({k: reference[k] for k in keys}, abs=1e-5)
+    for merged, reference in zip(metrics["summary"], alone["summary"]):
+        assert {k: merged[k] for k in METRIC_KEYS} == pytest.approx(
+            {k: reference[k] for k in METRIC_KEYS}, abs=1e-5
+        )
+
+
+FLAKY_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from genxai.attribution import Saliency
+    from genxai.attribution.base import register
+    from genxai.cli import app
+
+    @register("flaky")
+    class Flaky(Saliency):  # fails on the second process only, as a method can on one shard
+        def attribute(self, x, target):
+            if os.environ["RANK"] == "1":
+                raise RuntimeError("flaky fails on this shard")
+            return super().attribute(x, target)
+
+    code, message = 0, ""
+    try:
+        app(sys.argv[2:], prog_name="genxai")
+    except SystemExit as exit:
+        code = exit.code
+    except Exception as err:
+        code, message = 1, f"{type(err).__name__}: {err}"
+    rank = int(os.environ["RANK"])
+    Path(sys.argv[1], f"exit-{rank}.txt").write_text(f"{code}\\n{message}")
+    # wait for the other's exit too, so the launcher, which stops the others when one process
+    # ends with an error, cannot cut a process short that would have ended by itself
+    deadline = time.monotonic() + 100
+    while not Path(sys.argv[1], f"exit-{1 - rank}.txt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sys.exit(code)
+    """
+)
+
+
+def test_a_method_failing_on_one_process_fails_every_process(workspace, tmp_path):
+    """A method that fails on process 1 only stops both processes with the same error, quickly."""
+    script = tmp_path / "flaky.py"
+    script.write_text(FLAKY_SCRIPT)
+    started = time.monotonic()
+    done = _launch(
+        str(tmp_path),
+        *_explain_args(workspace, workspace / "images", tmp_path / "run", "saliency", "flaky"),
+        script=script,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exits = [(tmp_path / f"exit-{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert exits[0] == exits[1], exits  # the same error on both processes
+    code, message = exits[0]
+    assert code == "1" and message == "RuntimeError: flaky fails on this shard [process 1 of 2]"
+    assert elapsed < 120
+
+
+class FailsOnProcessOne(Attribution):
+    """|x| summed over channels, but an error on process 1 (a method failing on one shard)."""
+
+    def attribute(self, x, target):
+        if torch.distributed.get_rank() == 1:
+            raise RuntimeError("fails on process 1")
+        return x.abs().sum(dim=1, keepdim=True)
+
+
+IDS = [f"img{i}" for i in range(5)]
+
+
+def _explainer_rows(methods, shard, out, strict=True):
+    """Run an Explainer of HeadNet over ``shard`` (batches of image indices); its merged rows."""
+    torch.manual_seed(1)
+    x = torch.rand(5, 3, 8, 8)
+    batches = [([IDS[i] for i in batch], x[batch], None) for batch in shard]
+    explainer = Explainer(
+        methods["model"], methods["methods"], out, strict=strict, curve_steps=2, image_ids=IDS
+    )
+    rows = explainer.run(batches, total=sum(map(len, shard)), device=torch.device("cpu"), progress=False)
+    return rows, explainer.skipped
+
+
+def _headnet_methods(*names):
+    torch.manual_seed(0)
+    model = HeadNet().eval()
+    every = {"saliency": Saliency(model), "flaky": FailsOnProcessOne(model)}
+    return {"model": model, "methods": {name: every[name] for name in names}}
+
+
+def _agreeing_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        shard = [[0], [1], [2]] if rank == 0 else [[3, 4]]  # process 1 runs out of batches first
+        results = {}
+        for strict in (False, True):
+            try:
+                rows, skipped = _explainer_rows(
+                    _headnet_methods("saliency", "flaky"), shard, Path(out) / f"run{rank}", strict
+                )
+                results[str(strict)] = {"rows": rows, "skipped": skipped}
+            except Exception as err:
+                results[str(strict)] = {"error": f"{type(err).__name__}: {err}"}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_explainer_processes_agree_on_a_method_failing_on_one_of_them(tmp_path):
+    """Not strict: the method is dropped on both processes, whose merged rows equal one process's
+    without it. Strict: both processes raise the same error."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agreeing_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    alone, _ = _explainer_rows(_headnet_methods("saliency"), [[0], [1], [2], [3, 4]], tmp_path / "alone")
+    for result in results:
+        assert result["True"] == {"error": "RuntimeError: fails on process 1 [process 1 of 2]"}
+        lenient = result["False"]
+        assert lenient["skipped"] == {"flaky": "RuntimeError: fails on process 1"}
+        assert [r["process"] for r in lenient["rows"]] == [0, 0, 0, 1, 1]
+        assert [(r["image"], r["method"]) for r in lenient["rows"]] == [
+            (r["image"], r["method"]) for r in alone
+        ]
+        keys = ("target", "predicted", "probability", *METRIC_KEYS)
+        for merged, reference in zip(lenient["rows"], alone):
+            assert {k: merged[k] for k in keys} == pytest.approx({k: reference[k] for k in keys}, abs=1e-6)

@@ -4,18 +4,24 @@ agreement with pytorch-grad-cam's confidence metrics and SciPy's Spearman correl
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torchmetrics
 from torch import nn
 
 from genxai.attribution import Saliency
+from genxai.core.targets import Sigmoid, probability_target
 from genxai.evaluation import (
     AverageDrop,
     Deletion,
+    IncreaseInConfidence,
+    Insertion,
     LocalizationEnergy,
     PointingGame,
+    WinPercent,
     average_drop,
     deletion,
     energy_pointing,
@@ -28,7 +34,7 @@ from genxai.evaluation import (
     ssim,
     win_percent,
 )
-from genxai.targets import Fake
+from genxai.targets import ClassLogit, ClassProbability, DiscriminatorScore, Fake, FunctionTarget, Select
 
 
 class Additive(nn.Module):
@@ -332,3 +338,177 @@ def test_model_randomization_errors(gapnet, images):
         model_randomization(None, gapnet, images)
     with pytest.raises(ValueError, match="x: expected shape"):
         model_randomization(lambda m: Saliency(m), gapnet, images[0])
+
+
+# --- torchmetrics metrics ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "higher"),
+    [
+        (AverageDrop, False),
+        (IncreaseInConfidence, True),
+        (WinPercent, True),
+        (Deletion, False),
+        (Insertion, True),
+        (PointingGame, True),
+        (LocalizationEnergy, True),
+    ],
+)
+def test_every_metric_is_a_torchmetrics_metric(cls, higher):
+    assert issubclass(cls, torchmetrics.Metric)
+    assert cls.higher_is_better is higher
+    assert cls.full_state_update is False and cls.is_differentiable is False
+
+
+def test_metric_states_concatenate_and_the_model_is_not_owned(gapnet, images):
+    torch.manual_seed(0)
+    maps = torch.rand(4, 1, 16, 16)
+    whole = deletion(gapnet, images, maps, steps=4)
+    first, second = Deletion(gapnet, steps=4), Deletion(gapnet, steps=4)
+    first.update(images[:3], maps[:3])
+    second.update(images[3:], maps[3:])
+    # the "cat" reduction torchmetrics' sync applies across processes (merged states come first)
+    second.merge_state(first)
+    merged = second.compute()
+    assert torch.allclose(merged.per_image, whole.per_image, atol=1e-6)
+    assert torch.allclose(merged.curves, whole.curves, atol=1e-6) and merged.curves.shape == (4, 5)
+    assert merged.mean == pytest.approx(whole.mean, abs=1e-6)
+    # the explained model is referenced, not a submodule: no parameters in the metric's state
+    assert list(first.children()) == [] and len(first.state_dict()) == 0
+    first.train()
+    assert not gapnet.training
+
+
+def test_forward_gives_the_batch_value_and_accumulates(gapnet, images):
+    torch.manual_seed(0)
+    maps = torch.rand(4, 1, 16, 16)
+    metric = AverageDrop(gapnet)
+    batch = metric(images[:1], maps[:1])
+    assert batch.per_image.shape == (1,)  # one image stays (1,), though torchmetrics squeezes results
+    assert torch.allclose(batch.per_image, average_drop(gapnet, images[:1], maps[:1]).per_image)
+    metric(images[1:], maps[1:])
+    assert torch.allclose(metric.compute().per_image, average_drop(gapnet, images, maps).per_image, atol=1e-6)
+    masks = torch.zeros(1, 16, 16, dtype=torch.bool)
+    masks[0, :4, :4] = True
+    assert pointing_game(maps[:1, 0], masks).per_image.shape == (1,)
+
+
+def test_compute_before_update_is_an_error_without_warnings(gapnet):
+    for metric in (Deletion(gapnet), WinPercent(gapnet), PointingGame(), LocalizationEnergy()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeError, match="before any update"):
+                metric.compute()
+
+
+def test_metric_constructor_errors(gapnet):
+    with pytest.raises(TypeError, match=r"model: expected a torch\.nn\.Module"):
+        AverageDrop("resnet")
+    with pytest.raises(ValueError, match="batch_size"):
+        Insertion(gapnet, batch_size=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        PointingGame(tolerance=-1.0)
+    with pytest.raises(ValueError, match="Unexpected keyword"):
+        AverageDrop(gapnet, sync_on_computee=False)
+
+
+# --- single-logit models (a discriminator) -----------------------------------------------------
+
+
+def _sigmoid_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.sigmoid(model(x)[:, 0])
+
+
+def _scaled(maps: torch.Tensor) -> torch.Tensor:
+    low = maps.amin(dim=(1, 2, 3), keepdim=True)
+    return (maps - low) / (maps.amax(dim=(1, 2, 3), keepdim=True) - low)
+
+
+def _hand_curves(model, x, maps, steps, start, end):
+    """Scores (sigmoid) with the ``count`` most salient pixels taken from ``end``, the rest from ``start``."""
+    pixels = x.shape[-2] * x.shape[-1]
+    order = torch.sort(maps.mean(dim=1).flatten(1), dim=1, descending=True, stable=True).indices
+    points = []
+    for k in range(steps + 1):
+        changed = torch.zeros(x.shape[0], pixels, dtype=torch.bool)
+        changed.scatter_(1, order[:, : round(k * pixels / steps)], True)
+        points.append(_sigmoid_of(model, torch.where(changed.view(-1, 1, *x.shape[-2:]), end, start)))
+    return torch.stack(points, dim=1)
+
+
+@pytest.mark.parametrize(
+    "target", [None, 0, torch.zeros(4, dtype=torch.long)], ids=["default", "int", "tensor"]
+)
+def test_every_score_metric_on_a_single_logit_discriminator_uses_the_sigmoid(discriminator, images, target):
+    """A softmax over one logit is 1 for every image; each metric must score sigmoid(logit)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    torch.manual_seed(0)
+    maps, other = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    y = _sigmoid_of(discriminator, images)
+    o, o_other = (
+        _sigmoid_of(discriminator, images * _scaled(maps)),
+        _sigmoid_of(discriminator, images * _scaled(other)),
+    )
+    assert bool((y < 0.99).all()) and bool(((y - o).abs() > 1e-4).all())  # the data are not degenerate
+
+    drop = average_drop(discriminator, images, maps, target)
+    assert torch.allclose(drop.per_image, 100 * (y - o).clamp_min(0) / y, atol=1e-4)
+    increase = increase_in_confidence(discriminator, images, maps, target)
+    assert increase.per_image.tolist() == (100.0 * (y < o).float()).tolist()
+    win = win_percent(discriminator, images, maps, other, target)
+    assert win.per_image.tolist() == (100.0 * (o > o_other).float() + 50.0 * (o == o_other).float()).tolist()
+    assert set(win.per_image.tolist()) != {50.0}
+
+    fractions = torch.linspace(0, 1, 5)
+    deleted = deletion(discriminator, images, maps, target, steps=4)
+    hand = _hand_curves(discriminator, images, maps, 4, images, torch.zeros_like(images))
+    assert torch.allclose(deleted.curves, hand, atol=1e-5)
+    assert torch.allclose(deleted.per_image, torch.trapezoid(hand, fractions, dim=1), atol=1e-5)
+    assert bool((deleted.curves.std(dim=1) > 1e-4).all())  # not the flat curves of ones
+    inserted = insertion(discriminator, images, maps, target, steps=4)
+    blurred = gaussian_blur(images, [11, 11], [5.0, 5.0])
+    hand = _hand_curves(discriminator, images, maps, 4, blurred, images)
+    assert torch.allclose(inserted.curves, hand, atol=1e-5)
+    assert torch.allclose(inserted.per_image, torch.trapezoid(hand, fractions, dim=1), atol=1e-5)
+
+
+def test_probability_targets_decide_the_single_logit_case():
+    one = torch.tensor([[0.3], [-1.2]])
+    two = torch.tensor([[0.3, 1.0], [-1.2, 0.0]])
+    sigmoid = torch.sigmoid(one[:, 0])
+    assert torch.allclose(ClassProbability(0)(one), sigmoid)
+    assert torch.allclose(probability_target(ClassLogit(0))(one), sigmoid)
+    assert torch.allclose(probability_target(ClassLogit(torch.tensor([0, 0])))(one), sigmoid)
+    assert torch.allclose(probability_target(DiscriminatorScore())(one), sigmoid)
+    assert torch.allclose(probability_target(Fake())(one), 1 - sigmoid)
+    assert torch.allclose(probability_target(ClassLogit(1))(two), torch.softmax(two, dim=1)[:, 1])
+    assert torch.allclose(probability_target(Select("d", ClassLogit(0)))({"d": one}), sigmoid)
+    assert repr(probability_target(Fake())) == "Sigmoid(Fake())"
+    assert torch.allclose(probability_target(Fake()).take(torch.tensor([1]))(one[1:]), 1 - sigmoid[1:])
+    with pytest.raises(ValueError, match=r"class 1 out of range \[0, 1\)"):
+        ClassProbability(1)(one)
+    with pytest.raises(ValueError, match="score='logit'"):
+        probability_target(FunctionTarget(lambda out: out[:, 0]))
+    with pytest.raises(TypeError, match="inner: expected a Target"):
+        Sigmoid(0)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 9), (5, 5), (4, 7), (3, 3), (2, 2), (1, 4)])
+def test_insertion_blur_is_torchvisions_11_by_11_sigma_5(size):
+    """RISE's blur, now core.maps.gaussian_blur: torchvision's 11 x 11, sigma 5, reflect; smaller odd
+    kernels on images under 11 px, none under 3 px (what the metric did before)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from genxai.evaluation.faithfulness import _rise_blur
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *size)
+    limit = min(size)
+    kernel = min(11, limit if limit % 2 else limit - 1)
+    expected = gaussian_blur(x, [kernel, kernel], [5.0, 5.0]) if kernel > 1 else x
+    blurred = _rise_blur(x)
+    assert blurred.shape == x.shape and torch.allclose(blurred, expected, atol=1e-6)
+    assert blurred is not x

@@ -9,3 +9,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def fail(err: Exception) -> typer.Exit:
+    """Print one ``error:`` line (no traceback) and give the exit to raise: code 2, bad input."""
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+def end_process_group() -> None:
+    """Destroy torch.distributed's default group if one is up (under ``accelerate launch``).
+
+    A process that exits with its gloo group alive can abort in interpreter shutdown (SIGABRT,
+    pytorch/pytorch#190489); every command that may run under a launcher calls this on its way out.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from genxai.cli.app import app
+from genxai.cli.app import app, end_process_group, fail
 
 Overrides = Annotated[
     list[str] | None,
@@ -32,11 +32,6 @@ ConfigOption = Annotated[
 ]
 RunOption = Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `genxai train`.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-
-
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
 
 
 def _device(name: str) -> str:
@@ -67,7 +62,9 @@ def train(config: ConfigOption, overrides: Overrides = None) -> None:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1) from None
     except USER_ERRORS as err:
-        raise _fail(err) from None
+        raise fail(err) from None
+    finally:
+        end_process_group()
     if trainer.is_main:
         if summary["status"] == "interrupted":
             typer.echo(f"interrupted: saved {summary['checkpoint']}; run the same command to resume")
@@ -141,7 +138,7 @@ def sample(
     from genxai.diffusion.pipeline import load_run, sample_run
 
     if fmt not in ("png", "safetensors"):
-        raise _fail(ValueError(f"--format: expected png or safetensors, got {fmt!r}"))
+        raise fail(ValueError(f"--format: expected png or safetensors, got {fmt!r}"))
     try:
         loaded = load_run(run, checkpoint_path=checkpoint, use_ema=ema, device=_device(device))
         cfg = loaded.cfg
@@ -149,12 +146,12 @@ def sample(
         if saliency_every is not None and saliency_every < 0:
             raise ValueError(f"--saliency-every: expected an integer >= 0, got {saliency_every}")
     except USER_ERRORS as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     n = n or cfg.sample.num_images
     hook = None
     if guidance:
         if loaded.discriminator is None:
-            raise _fail(ValueError(f"--guidance: the {cfg.variant} run has no discriminator"))
+            raise fail(ValueError(f"--guidance: the {cfg.variant} run has no discriminator"))
         if not cfg.discriminator.time_aware:
             typer.echo("note: the run's D is not time-aware; guidance uses its judgement of x0_hat", err=True)
         hook = DiscriminatorGuidance(loaded.discriminator, loaded.schedule, guidance, on="x0_hat")
@@ -178,7 +175,7 @@ def sample(
     try:
         result = _write_samples(batches, out, fmt, loaded, run, seed, explain)
     except USER_ERRORS as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     typer.echo(json.dumps(result))
 
 
@@ -319,7 +316,7 @@ def fid(
         size = batch_size or cfg.eval.batch_size
         metric = reference_fid(cfg, dataset, dev, run, real_images=real_images, batch_size=size)
     except USER_ERRORS as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     limit = cfg.eval.real_images if real_images is None else real_images
     count = min(len(dataset), limit) if limit else len(dataset)
     if samples is not None:
@@ -343,7 +340,7 @@ def fid(
             metric.update(batch, real=False)
             generated += len(batch)
     except USER_ERRORS as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     result = {"run": str(run), "real_images": count, "generated_images": generated, **metric.compute()}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +377,9 @@ def ablate(
         names = [v.strip() for v in variants.split(",") if v.strip()]
         results = run_ablation(cfg, variants=names, baselines=baselines, out_dir=out)
     except USER_ERRORS as err:
-        raise _fail(err) from None
+        raise fail(err) from None
+    finally:
+        end_process_group()
     if results["interrupted"]:
         typer.echo("interrupted: the current run saved a checkpoint; run the same command to resume")
         if "runs" not in results:

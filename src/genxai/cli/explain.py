@@ -11,12 +11,7 @@ from typing import Annotated
 
 import typer
 
-from genxai.cli.app import app
-
-
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
+from genxai.cli.app import app, end_process_group, fail
 
 
 @app.command()
@@ -76,7 +71,7 @@ def explain(
 ) -> None:
     """Explain a classifier's decisions on a folder of images: overlays, raw maps, metrics, report.
 
-    Many images: `accelerate launch --multi_gpu --num_processes N -m genxai.cli explain ...` runs N processes, each explaining its share (add --device cpu to run them on CPUs).
+    Many images: `accelerate launch --multi_gpu --num_processes N -m genxai.cli explain ...` runs N processes, each explaining its share (add --device cpu to run them on CPUs); an error on one process stops all of them with that error.
     """
     from genxai.config import load_config
     from genxai.jobs.explain import ExplainConfig, run_explain
@@ -103,11 +98,14 @@ def explain(
         if not cfg.images:
             raise ValueError("--images: a folder of images is required (or images: in --config)")
         run_dir = run_explain(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err) from None
-    from accelerate import PartialState
+        from accelerate import PartialState
 
-    if PartialState().is_main_process:
+        main = PartialState().is_main_process
+    except (ValueError, FileNotFoundError) as err:
+        raise fail(err) from None
+    finally:
+        end_process_group()
+    if main:
         typer.echo(f"wrote {run_dir}/ (overlays/, maps/, metrics.json, metrics.csv, report.html)")
 
 
@@ -130,7 +128,7 @@ def report(
         else:
             path = build_report(run_dir, explain_sections(run_dir, max_images=max_images), embed=embed)
     except (ValueError, FileNotFoundError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     typer.echo(f"wrote {path}")
 
 
@@ -168,5 +166,5 @@ def demo(
             diffusion=diffusion,
         )
     except (ValueError, FileNotFoundError) as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     typer.echo(f"wrote {path}")

@@ -2,9 +2,10 @@
 Win%; RISE's deletion and insertion AUC), localisation against ground-truth masks (pointing game,
 energy / Grad-CAM++'s Loc) and Adebayo et al.'s model-randomisation sanity check.
 
-Metrics stream like torchmetrics: ``m = AverageDrop(model); m.update(x, maps); m.compute()``
-gives a result with ``per_image`` values and their ``mean``; each has a one-call function too
-(``average_drop(model, x, maps)``).
+Metrics are torchmetrics metrics: ``m = AverageDrop(model); m.update(x, maps); m.compute()``
+gives a result with ``per_image`` values and their ``mean``, gathered from every process under
+``torch.distributed`` (per-image states reduced by concatenation); each has a one-call function too
+(``average_drop(model, x, maps)``), which never syncs.
 """
 
 from genxai.evaluation.faithfulness import (

@@ -10,36 +10,37 @@
   the score curve over the fraction of pixels, by the trapezoid rule, is the metric (deletion:
   lower is better; insertion: higher is better).
 
-Scores are softmax probabilities of the target class by default (``score="probability"``; a
-single-logit model's score goes through a sigmoid), as in both papers; ``score="logit"`` uses the
-target's raw score. Every metric streams: ``update(...)`` per batch, ``compute()`` at the end,
-``reset()`` to start over; the one-call functions do all three. Perturbed inputs are scored
-``batch_size`` rows per forward, so memory is bounded whatever the number of steps. Put the model
-in eval mode first (batch statistics would mix the images of a chunk).
+Scores are probabilities of the target class by default (``score="probability"``, as in both
+papers): the softmax over the classes, or the sigmoid of the logit for a single-logit model such as
+a discriminator (:func:`genxai.core.targets.probability_target` decides); ``score="logit"`` uses the
+target's raw score.
+
+Every metric is a :class:`torchmetrics.Metric`: ``update(...)`` per batch, ``compute()`` at the
+end, ``reset()`` to start over, ``metric(...)`` for one batch's value while accumulating. The
+per-image values are a list state reduced by concatenation, so under ``torch.distributed``
+``compute()`` returns the images of every process, rank after rank, by torchmetrics' own sync. The
+one-call functions (``average_drop(model, x, maps)``) do all three on one process, never syncing.
+Perturbed inputs are scored ``batch_size`` rows per forward, so memory is bounded whatever the
+number of steps. Put the model in eval mode first (batch statistics would mix the images of a chunk).
 """
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from genxai.core.checks import check_choice, check_images, check_maps, check_positive_int
 from genxai.core.engine import batched_scores, model_output
-from genxai.core.targets import (
-    ClassLogit,
-    ClassProbability,
-    DiscriminatorScore,
-    Select,
-    Target,
-    as_target,
-    evaluate,
-)
+from genxai.core.maps import gaussian_blur, minmax_normalize
+from genxai.core.targets import Target, as_target, evaluate, probability_target
 
 SCORES = ("probability", "logit")
 
@@ -73,67 +74,61 @@ class WinResult(MetricResult):
         return 100.0 - self.mean
 
 
-class StreamingMetric:
-    """Per-image values gathered batch by batch: ``update`` (in subclasses), ``compute``, ``reset``."""
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def __init__(self) -> None:
-        self.reset()
 
-    def reset(self) -> None:
-        """Forget every batch seen so far."""
-        self._values: list[torch.Tensor] = []
+class StreamingMetric(Metric):
+    """Per-image values gathered batch by batch, as a torchmetrics ``Metric``.
 
-    def _check_updated(self) -> None:
-        if not self._values:
+    Subclasses implement ``update`` and add each image's value with :meth:`_append`. The values are
+    the list state ``values`` with ``dist_reduce_fx="cat"``; ``compute()`` returns them all with
+    their mean (a :class:`MetricResult`), ``reset()`` forgets them. ``kwargs`` go to
+    :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ``compute_on_cpu``, ...).
+    """
+
+    full_state_update: ClassVar[bool] = False
+    is_differentiable: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """torchmetrics' compute (sync, cache) with a clear error before any update and (N,) results.
+
+        torchmetrics squeezes one-element tensors of a result; one image's ``per_image`` stays (1,).
+        """
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if not self.update_called and not (self.sync_on_compute and _distributed()):
+                raise RuntimeError(f"{type(self).__name__}: compute() called before any update()")
+            result = wrapped(*args, **kwargs)
+            if isinstance(result, MetricResult) and result.per_image.ndim == 0:
+                result.per_image = result.per_image.reshape(1)
+            return result
+
+        return checked
+
+    def _append(self, values: torch.Tensor) -> None:
+        """Add one batch's per-image values (N,)."""
+        self.values.append(values.detach().float().reshape(-1))
+
+    def _gathered(self, name: str = "values") -> torch.Tensor:
+        """A list state concatenated (every process's, after a sync); RuntimeError when empty."""
+        state = getattr(self, name)
+        values = dim_zero_cat(state) if not isinstance(state, list) or state else None
+        if values is None or values.numel() == 0:
             raise RuntimeError(f"{type(self).__name__}: compute() called before any update()")
+        return values
 
     def compute(self) -> MetricResult:
-        """The per-image values of all batches and their mean."""
-        self._check_updated()
-        per_image = torch.cat(self._values)
+        """The per-image values of all batches (of all processes) and their mean."""
+        per_image = self._gathered()
         return MetricResult(per_image, float(per_image.mean()))
-
-
-def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Scale each image's map to [0, 1] (over all its channels); a flat map becomes zeros."""
-    flat = maps.flatten(1)
-    shape = (-1,) + (1,) * (maps.ndim - 1)
-    low, high = flat.amin(dim=1).view(shape), flat.amax(dim=1).view(shape)
-    span = high - low
-    return torch.where(span > eps, (maps - low) / span.clamp_min(eps), torch.zeros_like(maps))
-
-
-class Sigmoid(Target):
-    """The sigmoid of another target's score: a single-logit model's probability."""
-
-    def __init__(self, inner: Target) -> None:
-        self.inner = inner
-        self.layer = inner.layer
-
-    def __call__(self, output: Any) -> torch.Tensor:
-        return torch.sigmoid(self.inner(output).float())
-
-    def take(self, index: torch.Tensor) -> Target:
-        return Sigmoid(self.inner.take(index))
-
-    def __repr__(self) -> str:
-        return f"Sigmoid({self.inner!r})"
-
-
-def probability_target(target: Target) -> Target:
-    """The probability version of a bound class or discriminator target."""
-    if isinstance(target, (ClassProbability, Sigmoid)):
-        return target
-    if isinstance(target, ClassLogit):
-        return ClassProbability(target.index)
-    if isinstance(target, DiscriminatorScore):
-        return Sigmoid(target)
-    if isinstance(target, Select):
-        return Select(target.key, probability_target(target.target))
-    raise ValueError(
-        f"score: 'probability' needs a class index or a discriminator target, got {target!r}; "
-        "pass score='logit' to use this target's score as it is"
-    )
 
 
 def bind_scores(model: nn.Module, x: torch.Tensor, target: Any, score: str) -> tuple[Target, torch.Tensor]:
@@ -155,7 +150,7 @@ def masked_scores(
 ) -> torch.Tensor:
     """Scores ``O`` of ``x * minmax(map)`` for each map set, (len(maps), N), in one chunked pass."""
     n = x.shape[0]
-    scaled = torch.stack([minmax(m) for m in maps])
+    scaled = torch.stack([minmax_normalize(m) for m in maps])
 
     def make_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(start, stop, device=x.device)
@@ -170,22 +165,32 @@ class ScoreMetric(StreamingMetric):
     """Base of the metrics that score perturbed images with a model.
 
     Args:
-        model: the classifier (or discriminator) in eval mode.
+        model: the classifier (or discriminator) in eval mode. The metric refers to it without
+            owning it: ``metric.to(...)``, ``metric.train()`` and ``state_dict()`` leave it alone.
         target: default target of ``update`` (None: the predicted class / the single logit).
         score: "probability" (softmax, or sigmoid for one logit) or "logit".
         batch_size: perturbed images per forward pass.
+        kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
     def __init__(
-        self, model: nn.Module, *, target: Any = None, score: str = "probability", batch_size: int = 64
+        self,
+        model: nn.Module,
+        *,
+        target: Any = None,
+        score: str = "probability",
+        batch_size: int = 64,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        score = check_choice(score, "score", SCORES)
+        batch_size = check_positive_int(batch_size, "batch_size")
+        super().__init__(**kwargs)
+        self.__dict__["model"] = model  # not a submodule: the user's model is not the metric's state
         self.target = target
-        self.score = check_choice(score, "score", SCORES)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        super().__init__()
+        self.score = score
+        self.batch_size = batch_size
 
     def bind(self, x: torch.Tensor, target: Any) -> tuple[Target, torch.Tensor]:
         """This batch's target (``update``'s, else the default) bound on ``x``, and the clean scores."""
@@ -201,7 +206,7 @@ class MaskedConfidence(ScoreMetric):
         maps = check_maps(maps, x, "maps")
         bound, clean = self.bind(x, target)
         masked = masked_scores(self.model, x, [maps], bound, self.batch_size)[0]
-        self._values.append(self.per_image(clean, masked))
+        self._append(self.per_image(clean, masked))
 
     @abstractmethod
     def per_image(self, clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -210,6 +215,8 @@ class MaskedConfidence(ScoreMetric):
 
 class AverageDrop(MaskedConfidence):
     """Average Drop %: ``100 * max(0, Y - O) / Y`` averaged over images (lower is better)."""
+
+    higher_is_better = False
 
     def per_image(self, clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         bad = (clean <= 0).nonzero().flatten().tolist()
@@ -224,12 +231,16 @@ class AverageDrop(MaskedConfidence):
 class IncreaseInConfidence(MaskedConfidence):
     """Increase in Confidence %: share of images whose masked score exceeds the clean one."""
 
+    higher_is_better = True
+
     def per_image(self, clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         return 100.0 * (clean < masked).float()
 
 
 class WinPercent(ScoreMetric):
     """Win% of method A over method B: whose masked image keeps more score (ties count half)."""
+
+    higher_is_better = True
 
     def update(self, x: torch.Tensor, maps_a: torch.Tensor, maps_b: torch.Tensor, target: Any = None) -> None:
         """Add a batch: images and the two methods' maps for them."""
@@ -240,24 +251,27 @@ class WinPercent(ScoreMetric):
             maps_a, maps_b = maps_a.expand(x.shape), maps_b.expand(x.shape)
         bound, _ = self.bind(x, target)
         kept_a, kept_b = masked_scores(self.model, x, [maps_a, maps_b], bound, self.batch_size)
-        self._values.append(100.0 * (kept_a > kept_b).float() + 50.0 * (kept_a == kept_b).float())
+        self._append(100.0 * (kept_a > kept_b).float() + 50.0 * (kept_a == kept_b).float())
 
     def compute(self) -> WinResult:
         result = super().compute()
         return WinResult(result.per_image, result.mean)
 
 
-def blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """RISE's insertion start: a Gaussian blur (11 x 11, sigma 5; smaller kernels on tiny images)."""
-    limit = min(x.shape[-2:])
-    kernel_size = min(kernel_size, limit if limit % 2 else limit - 1)
-    return gaussian_blur(x, [kernel_size, kernel_size], [sigma, sigma]) if kernel_size > 1 else x.clone()
+def _rise_blur(x: torch.Tensor) -> torch.Tensor:
+    """RISE's insertion start: an 11 x 11 Gaussian blur (radius 5), sigma 5, reflect padding.
+
+    Images under 11 px get the largest odd kernel that fits (radius ``(side - 1) // 2``); under
+    3 px there is none and the image is returned as a copy.
+    """
+    radius = min(5, (min(x.shape[-2:]) - 1) // 2)
+    return gaussian_blur(x, 5.0, radius=radius, padding="reflect") if radius >= 1 else x.clone()
 
 
 def _baseline(baseline: float | str | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(baseline, str):
         check_choice(baseline, "baseline", ("blur", "mean"))
-        return blur(x) if baseline == "blur" else x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+        return _rise_blur(x) if baseline == "blur" else x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return torch.full_like(x, float(baseline))
     if not isinstance(baseline, torch.Tensor):
@@ -289,7 +303,9 @@ class PixelCurve(ScoreMetric):
         steps: number of increments; the curve has ``steps + 1`` points, pixel fractions k/steps.
         baseline: value of removed pixels (deletion) or the starting image (insertion): a number,
             a tensor broadcastable to x, "blur" (RISE's blurred image) or "mean" (per-channel mean).
-        target, score, batch_size: as in :class:`ScoreMetric`.
+        target, score, batch_size, kwargs: as in :class:`ScoreMetric`.
+
+    The curves are a second list state (flattened, concatenated across processes like the AUCs).
     """
 
     insert: ClassVar[bool]
@@ -304,14 +320,13 @@ class PixelCurve(ScoreMetric):
         target: Any = None,
         score: str = "probability",
         batch_size: int = 64,
+        **kwargs: Any,
     ) -> None:
-        self.steps = check_positive_int(steps, "steps")
+        steps = check_positive_int(steps, "steps")
+        super().__init__(model, target=target, score=score, batch_size=batch_size, **kwargs)
+        self.steps = steps
         self.baseline = self.default_baseline if baseline is None else baseline
-        super().__init__(model, target=target, score=score, batch_size=batch_size)
-
-    def reset(self) -> None:
-        super().reset()
-        self._curves: list[torch.Tensor] = []
+        self.add_state("curves", default=[], dist_reduce_fx="cat")
 
     def update(self, x: torch.Tensor, maps: torch.Tensor, target: Any = None) -> None:
         """Add a batch: images (N, C, H, W) and their maps (N, 1 or C, H, W)."""
@@ -333,13 +348,15 @@ class PixelCurve(ScoreMetric):
 
         curves = batched_scores(self.model, make_batch, n * points, bound, batch_size=self.batch_size)
         curves = curves.view(n, points)
-        self._curves.append(curves)
-        self._values.append(torch.trapezoid(curves, counts.float() / pixels, dim=1))
+        # flattened, so a process without images contributes the empty (0,) tensor torchmetrics makes
+        self.curves.append(curves.reshape(-1))
+        self._append(torch.trapezoid(curves, counts.float() / pixels, dim=1))
 
     def compute(self) -> CurveResult:
         result = super().compute()
-        fractions = torch.linspace(0, 1, self.steps + 1, device=result.per_image.device)
-        return CurveResult(result.per_image, result.mean, torch.cat(self._curves), fractions)
+        curves = self._gathered("curves").view(-1, self.steps + 1)
+        fractions = torch.linspace(0, 1, self.steps + 1, device=curves.device)
+        return CurveResult(result.per_image, result.mean, curves, fractions)
 
 
 class Deletion(PixelCurve):
@@ -347,6 +364,7 @@ class Deletion(PixelCurve):
 
     insert = False
     default_baseline = 0.0
+    higher_is_better = False
 
 
 class Insertion(PixelCurve):
@@ -354,6 +372,7 @@ class Insertion(PixelCurve):
 
     insert = True
     default_baseline = "blur"
+    higher_is_better = True
 
 
 def average_drop(
@@ -366,7 +385,7 @@ def average_drop(
     batch_size: int = 64,
 ) -> MetricResult:
     """Average Drop % of ``maps`` for ``x`` (Grad-CAM++); see :class:`AverageDrop`."""
-    metric = AverageDrop(model, target=target, score=score, batch_size=batch_size)
+    metric = AverageDrop(model, target=target, score=score, batch_size=batch_size, sync_on_compute=False)
     metric.update(x, maps)
     return metric.compute()
 
@@ -381,7 +400,9 @@ def increase_in_confidence(
     batch_size: int = 64,
 ) -> MetricResult:
     """Increase in Confidence % of ``maps`` for ``x`` (Grad-CAM++); see :class:`IncreaseInConfidence`."""
-    metric = IncreaseInConfidence(model, target=target, score=score, batch_size=batch_size)
+    metric = IncreaseInConfidence(
+        model, target=target, score=score, batch_size=batch_size, sync_on_compute=False
+    )
     metric.update(x, maps)
     return metric.compute()
 
@@ -397,7 +418,7 @@ def win_percent(
     batch_size: int = 64,
 ) -> WinResult:
     """Win% of method A (``maps_a``) against method B (``maps_b``); see :class:`WinPercent`."""
-    metric = WinPercent(model, target=target, score=score, batch_size=batch_size)
+    metric = WinPercent(model, target=target, score=score, batch_size=batch_size, sync_on_compute=False)
     metric.update(x, maps_a, maps_b)
     return metric.compute()
 
@@ -415,7 +436,13 @@ def deletion(
 ) -> CurveResult:
     """Deletion AUC and curves (RISE); see :class:`Deletion`."""
     metric = Deletion(
-        model, steps=steps, baseline=baseline, target=target, score=score, batch_size=batch_size
+        model,
+        steps=steps,
+        baseline=baseline,
+        target=target,
+        score=score,
+        batch_size=batch_size,
+        sync_on_compute=False,
     )
     metric.update(x, maps)
     return metric.compute()
@@ -434,7 +461,13 @@ def insertion(
 ) -> CurveResult:
     """Insertion AUC and curves (RISE); see :class:`Insertion`."""
     metric = Insertion(
-        model, steps=steps, baseline=baseline, target=target, score=score, batch_size=batch_size
+        model,
+        steps=steps,
+        baseline=baseline,
+        target=target,
+        score=score,
+        batch_size=batch_size,
+        sync_on_compute=False,
     )
     metric.update(x, maps)
     return metric.compute()
@@ -454,10 +487,8 @@ __all__ = [
     "WinPercent",
     "WinResult",
     "average_drop",
-    "blur",
     "deletion",
     "increase_in_confidence",
     "insertion",
-    "minmax",
     "win_percent",
 ]

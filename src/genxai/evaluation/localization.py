@@ -10,7 +10,9 @@
   A map with no energy left scores 0.
 
 Maps are (N, H, W) or (N, 1, H, W) (reduce colour channels first); masks the same shapes, bool or
-numbers (non-zero = object), at the maps' resolution. Every image needs a non-empty mask.
+numbers (non-zero = object), at the maps' resolution. Every image needs a non-empty mask. Neither
+metric involves the model's score. :class:`PointingGame` and :class:`LocalizationEnergy` are
+torchmetrics metrics like the faithfulness ones (per-image values concatenated across processes).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 import torch
 
 from genxai.core.checks import check_finite, check_in_range
-from genxai.evaluation.faithfulness import MetricResult, StreamingMetric, minmax
+from genxai.core.maps import minmax_normalize
+from genxai.evaluation.faithfulness import MetricResult, StreamingMetric
 
 
 def check_masks(masks: Any, maps: torch.Tensor) -> torch.Tensor:
@@ -79,7 +82,7 @@ def energy_ratio(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.0
     maps = check_single_maps(maps)
     masks = check_masks(masks, maps)
     threshold = check_in_range(threshold, "threshold", 0.0, 1.0)
-    energy = minmax(maps)
+    energy = minmax_normalize(maps)
     energy = torch.where(energy >= threshold, energy, torch.zeros_like(energy)).flatten(1)
     inside = (energy * masks.flatten(1)).sum(dim=1)
     total = energy.sum(dim=1)
@@ -87,25 +90,39 @@ def energy_ratio(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.0
 
 
 class PointingGame(StreamingMetric):
-    """Pointing-game accuracy over batches: ``update(maps, masks)``; see the module docstring."""
+    """Pointing-game accuracy over batches: ``update(maps, masks)``; see the module docstring.
 
-    def __init__(self, *, tolerance: float = 0.0) -> None:
-        self.tolerance = check_in_range(tolerance, "tolerance", 0.0, float("inf"))
-        super().__init__()
+    ``kwargs`` go to :class:`torchmetrics.Metric`.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, *, tolerance: float = 0.0, **kwargs: Any) -> None:
+        tolerance = check_in_range(tolerance, "tolerance", 0.0, float("inf"))
+        super().__init__(**kwargs)
+        self.tolerance = tolerance
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
-        self._values.append(pointing_hits(maps, masks, self.tolerance))
+        """Add a batch of maps and their object masks."""
+        self._append(pointing_hits(maps, masks, self.tolerance))
 
 
 class LocalizationEnergy(StreamingMetric):
-    """Grad-CAM++'s ``Loc^c_I(delta)`` (``threshold=delta``; 0 gives the energy pointing game)."""
+    """Grad-CAM++'s ``Loc^c_I(delta)`` (``threshold=delta``; 0 gives the energy pointing game).
 
-    def __init__(self, *, threshold: float = 0.0) -> None:
-        self.threshold = check_in_range(threshold, "threshold", 0.0, 1.0)
-        super().__init__()
+    ``kwargs`` go to :class:`torchmetrics.Metric`.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, *, threshold: float = 0.0, **kwargs: Any) -> None:
+        threshold = check_in_range(threshold, "threshold", 0.0, 1.0)
+        super().__init__(**kwargs)
+        self.threshold = threshold
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
-        self._values.append(energy_ratio(maps, masks, self.threshold))
+        """Add a batch of maps and their object masks."""
+        self._append(energy_ratio(maps, masks, self.threshold))
 
 
 def _result(values: torch.Tensor) -> MetricResult:

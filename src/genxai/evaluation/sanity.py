@@ -27,8 +27,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from genxai.core.checks import check_images
 from genxai.core.engine import model_output
 from genxai.core.hooks import get_module
+from genxai.core.maps import minmax_normalize
 from genxai.core.targets import as_target
-from genxai.evaluation.faithfulness import minmax
 
 MakeMethod = Callable[[nn.Module], Callable[..., torch.Tensor]]
 
@@ -90,7 +90,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.ndim == 3:
         a, b = a.unsqueeze(1), b.unsqueeze(1)
     return structural_similarity_index_measure(
-        minmax(a.float()), minmax(b.float()), data_range=1.0, reduction="none"
+        minmax_normalize(a.float()), minmax_normalize(b.float()), data_range=1.0, reduction="none"
     ).float()
 
 

@@ -12,7 +12,11 @@ and for the whole run ``config.json``, ``metrics.json`` (per-image values, means
 ``metrics.csv`` (one row per method), ``metrics_per_image.csv`` and ``report.html``.
 
 Under ``accelerate launch`` every process explains its shard of the images (outputs are per image,
-so processes never write the same file) and the main process merges the per-process metric files.
+so processes never write the same file). The per-image metric values and records are torchmetrics
+states, merged by torchmetrics' own sync; the main process then writes the metric files and the
+report. After every batch the processes exchange their failures before any collective, so a method
+that fails on one shard stops every process with the same error (with ``"all"``: it is skipped on
+every process), instead of leaving the others waiting.
 Methods are looked up in the registry at run time; ``"all"`` means every registered method, and
 then a method that cannot explain this model (say CAM without a linear head) is skipped and
 listed, instead of stopping the run.
@@ -20,9 +24,7 @@ listed, instead of stopping the run.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import inspect
 import json
 import math
 import time
@@ -36,35 +38,18 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from genxai import attribution, evaluation
+from genxai import attribution
 from genxai.attribution.base import Attribution, LayerAttribution
 from genxai.core.checks import check_positive_int
 from genxai.core.engine import model_output
 from genxai.core.hooks import get_module
+from genxai.core.maps import minmax_normalize
 from genxai.core.targets import ClassLogit
 from genxai.data.folders import IMAGE_EXTENSIONS, load_image
+from genxai.jobs.metrics import RunMetrics, gather_or_raise, table_rows, world, write_metrics
 from genxai.models.classifier import default_layer, load_model
 from genxai.report.figures import as_heatmap, overlay, save_png, to_rgb, upscale
 from genxai.report.html import Grid, Section, Table, build_report
-
-METRICS = (
-    "average_drop",
-    "increase_in_confidence",
-    "win_percent",
-    "deletion_auc",
-    "insertion_auc",
-    "pointing_game",
-    "localization_energy",
-)
-BETTER = {
-    "average_drop": "lower",
-    "increase_in_confidence": "higher",
-    "win_percent": "higher",
-    "deletion_auc": "lower",
-    "insertion_auc": "higher",
-    "pointing_game": "higher",
-    "localization_energy": "higher",
-}
 
 
 @dataclass
@@ -133,13 +118,26 @@ def resolve_methods(names: Sequence[str]) -> list[str]:
     return resolved
 
 
-def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The options some ``__init__`` of ``cls`` (or a base it forwards to) names."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            names.update(inspect.signature(klass.__init__).parameters)
-    return {k: v for k, v in options.items() if k in names}
+def method_options(options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``options`` (``{method: {option: value}}``) keyed by canonical method name, all checked.
+
+    Every entry is checked, also of methods this run does not use, so a typo never passes silently:
+    an unknown method, or an option its constructor does not take (``options.rise.maskss``), is a
+    ValueError naming the method, the option and the closest accepted ones.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"options: expected {{method: {{option: value}}}}, got {options!r}")
+    checked: dict[str, dict[str, Any]] = {}
+    for key, values in options.items():
+        try:
+            name = canonical_name(key)
+        except ValueError as err:
+            raise ValueError(f"options: {err}") from None
+        attribution.check_options(name, values)
+        checked.setdefault(name, {}).update(values)
+    return checked
 
 
 def build_methods(
@@ -150,23 +148,21 @@ def build_methods(
     options: dict[str, dict[str, Any]] | None = None,
     strict: bool = True,
 ) -> tuple[dict[str, Attribution], dict[str, str]]:
-    """Construct each named method for ``model``; layer methods get ``layer``.
+    """Construct each named method for ``model`` with :func:`genxai.attribution.build`.
 
-    ``options[name]`` are constructor options; those a method does not take are left out (so one
-    options table serves every method). With ``strict=False`` a method that cannot be built is
-    returned in the second dict, ``name -> reason``, instead of raising.
+    Layer methods get ``layer`` (None: the model's default layer), or ``options[name]["layer"]``.
+    ``options[name]`` are the method's constructor options, checked first (see
+    :func:`method_options`; a misspelt option is always an error). With ``strict=False`` a method
+    that cannot be built for this model is returned in the second dict, ``name -> reason``,
+    instead of raising.
     """
-    options = options or {}
+    checked = method_options(options)
     methods: dict[str, Attribution] = {}
     skipped: dict[str, str] = {}
     for name in names:
-        cls = attribution.get(name)
-        kwargs = _accepted(cls, dict(options.get(name, {})))
+        kwargs = dict(checked.get(canonical_name(name), {}))
         try:
-            if issubclass(cls, LayerAttribution):
-                methods[name] = cls(model, layer=layer or default_layer(model), **kwargs)
-            else:
-                methods[name] = cls(model, **kwargs)
+            methods[name] = attribution.build(name, model, kwargs.pop("layer", layer), **kwargs)
         except (ValueError, TypeError) as err:
             if strict:
                 raise
@@ -221,6 +217,11 @@ class Explainer:
         target: class to explain, None for each image's predicted class.
         metrics: compute faithfulness metrics (and localisation ones when masks are given).
         strict: raise a method's error; when False the method is dropped and listed in ``skipped``.
+        image_ids: every image id of the run in order (under torch.distributed, of all processes),
+            so merged rows follow it; None numbers the images in the order they are seen.
+
+    Metric values and per-image records accumulate in torchmetrics metrics as batches are run
+    (:meth:`run_batch`); :meth:`results` merges them across processes; :meth:`reset` forgets them.
     """
 
     def __init__(
@@ -236,12 +237,38 @@ class Explainer:
         png_size: int = 128,
         strict: bool = True,
         skipped: dict[str, str] | None = None,
+        image_ids: Sequence[str] | None = None,
     ) -> None:
         self.model, self.methods, self.out = model, dict(methods), Path(out)
         self.target, self.metrics, self.strict = target, metrics, strict
         self.curve_steps = check_positive_int(curve_steps, "curve_steps")
         self.cmap, self.png_size = cmap, png_size
         self.skipped: dict[str, str] = dict(skipped or {})
+        self.fixed_ids = image_ids is not None
+        self.image_ids: list[str] = list(image_ids or [])
+        self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self.reset()
+
+    def reset(self) -> None:
+        """New, empty metrics (:class:`~genxai.jobs.metrics.RunMetrics`) for the current methods."""
+        outputs = {name: method.output for name, method in self.methods.items()}
+        self.run_metrics = RunMetrics(self.model, outputs, metrics=self.metrics, curve_steps=self.curve_steps)
+
+    def drop(self, name: str, reason: str) -> None:
+        """Stop running method ``name`` and forget its values (listed in ``skipped`` with ``reason``)."""
+        self.skipped[name] = reason
+        self.methods.pop(name, None)
+        self.run_metrics.drop(name)
+
+    def _indices(self, ids: Sequence[str]) -> torch.Tensor:
+        """Positions of ``ids`` among the run's images (new ids numbered on, unless they are fixed)."""
+        for image_id in ids:
+            if image_id not in self._index:
+                if self.fixed_ids:
+                    raise ValueError(f"ids: {image_id!r} is not one of the run's images")
+                self._index[image_id] = len(self.image_ids)
+                self.image_ids.append(image_id)
+        return torch.tensor([self._index[image_id] for image_id in ids], dtype=torch.float32)
 
     def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image: the class explained, the predicted class and the explained class's probability."""
@@ -270,8 +297,7 @@ class Explainer:
             except (ValueError, TypeError, RuntimeError) as err:
                 if self.strict:
                     raise
-                self.skipped[name] = f"{type(err).__name__}: {err}"
-                del self.methods[name]
+                self.drop(name, f"{type(err).__name__}: {err}")
                 continue
             if x.is_cuda:
                 torch.cuda.synchronize(x.device)
@@ -281,31 +307,9 @@ class Explainer:
     def score(
         self, x: torch.Tensor, heat: dict[str, torch.Tensor], target: torch.Tensor, masks: torch.Tensor | None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-image metric values of each scored method: ``{method: {metric: (N,)}}``."""
-        values: dict[str, dict[str, torch.Tensor]] = {}
-        steps = self.curve_steps
-        for name, maps in heat.items():
-            v = values[name] = {}
-            v["average_drop"] = evaluation.average_drop(self.model, x, maps, target).per_image
-            v["increase_in_confidence"] = evaluation.increase_in_confidence(
-                self.model, x, maps, target
-            ).per_image
-            v["deletion_auc"] = evaluation.deletion(self.model, x, maps, target, steps=steps).per_image
-            v["insertion_auc"] = evaluation.insertion(self.model, x, maps, target, steps=steps).per_image
-            if masks is not None:
-                v["pointing_game"] = evaluation.pointing_game(maps, masks).per_image
-                v["localization_energy"] = evaluation.localization_energy(maps, masks).per_image
-        # Win%: each method against every other one, averaged over the opponents.
-        names = list(heat)
-        wins = {name: torch.zeros(x.shape[0], device=x.device) for name in names}
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                won = evaluation.win_percent(self.model, x, heat[a], heat[b], target).per_image
-                wins[a] += won
-                wins[b] += 100.0 - won
-        for name in names if len(names) > 1 else []:
-            values[name]["win_percent"] = wins[name] / (len(names) - 1)
-        return values
+        """This batch's metric values of each scored method, ``{method: {metric: (N,)}}``; the
+        values also accumulate for :meth:`results`."""
+        return self.run_metrics.score(x, heat, target, masks)
 
     def write_images(
         self, ids: Sequence[str], x: torch.Tensor, maps: dict[str, torch.Tensor], target: torch.Tensor
@@ -314,7 +318,7 @@ class Explainer:
         big = upscale(to_rgb(x.float()), self.png_size).cpu()
         for name, raw in maps.items():
             if self.methods[name].output == "image":
-                pictures = upscale(to_rgb(_minmax_image(raw.float().cpu())), self.png_size)
+                pictures = upscale(to_rgb(minmax_normalize(raw.float().cpu())), self.png_size)
             else:
                 pictures = overlay(big, raw.cpu(), cmap=self.cmap)
             for i, image_id in enumerate(ids):
@@ -334,28 +338,28 @@ class Explainer:
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> list[dict[str, Any]]:
-        """Explain, score and write one batch; return one row per image and method."""
+        """Explain, score and write one batch; return its rows, one per image and method.
+
+        The records and metric values also accumulate for :meth:`results`.
+        """
+        index = self._indices(ids)
         target, predicted, probability = self.targets(x)
         maps, seconds = self.explain(x, target)
         heat = {name: as_heatmap(raw) for name, raw in maps.items() if self.methods[name].output == "map"}
         values = self.score(x, heat, target, masks) if self.metrics and heat else {}
         self.write_images(ids, x, maps, target)
-        rows = []
-        for i, image_id in enumerate(ids):
-            for name in maps:
-                row: dict[str, Any] = {
-                    "image": image_id,
-                    "method": name,
-                    "target": int(target[i]),
-                    "predicted": int(predicted[i]),
-                    "probability": float(probability[i]),
-                    "seconds": seconds[name],
-                }
-                if labels is not None:
-                    row["label"] = int(labels[i])
-                row.update({metric: float(v[i]) for metric, v in values.get(name, {}).items()})
-                rows.append(row)
-        return rows
+        n = x.shape[0]
+        records = {
+            "index": index,
+            "process": torch.full((n,), float(world()[0])),
+            "target": target,
+            "predicted": predicted,
+            "probability": probability,
+            "label": torch.full((n,), math.nan) if labels is None else labels,
+            "masked": torch.full((n,), float(masks is not None)),
+        }
+        self.run_metrics.record(records, seconds, x.device)
+        return table_rows(ids, records, {name: torch.full((n,), seconds[name]) for name in maps}, values)
 
     def run(
         self,
@@ -365,71 +369,45 @@ class Explainer:
         device: torch.device,
         progress: bool = True,
     ) -> list[dict[str, Any]]:
-        """Every batch of ``(ids, images, masks or None[, labels])``, with a progress bar."""
-        rows: list[dict[str, Any]] = []
+        """Every batch of ``(ids, images, masks or None[, labels])``, with a progress bar; returns
+        the merged rows of :meth:`results` (of every process's images).
+
+        Under torch.distributed every process passes its own shard and this runs in rounds of one
+        batch per process (a process out of batches takes part with none). After each round the
+        processes exchange failures (:func:`gather_or_raise`): an error on one process is raised on
+        every process, and a method dropped on one (``strict=False``) is dropped on all of them.
+        """
+        source = iter(batches)
         with tqdm(total=total, unit="img", desc="explain", disable=not progress) as bar:
-            for ids, x, masks, *labels in batches:
-                x = x.to(device)
-                masks = masks.to(device) if masks is not None else None
-                rows += self.run_batch(ids, x, masks, labels[0] if labels else None)
-                bar.update(len(ids))
-        return rows
+            while True:
+                error, active, before = None, False, set(self.skipped)
+                try:
+                    batch = next(source, None)
+                    if batch is not None:
+                        active = True
+                        ids, x, masks, *labels = batch
+                        masks = masks.to(device) if masks is not None else None
+                        self.run_batch(ids, x.to(device), masks, labels[0] if labels else None)
+                        bar.update(len(ids))
+                except Exception as err:
+                    error = err
+                dropped = {name: self.skipped[name] for name in self.skipped if name not in before}
+                reports = gather_or_raise(error, (active, dropped))
+                for _, skipped in reversed(reports):  # the lowest rank's reason wins
+                    for name, reason in skipped.items():
+                        self.drop(name, reason)
+                if not any(busy for busy, _ in reports):
+                    break
+        return self.results()
 
+    def results(self) -> list[dict[str, Any]]:
+        """One row per image and method of every process's images, in ``image_ids`` order.
 
-def _minmax_image(images: torch.Tensor) -> torch.Tensor:
-    """Each image scaled to [0, 1] over all its channels, to look at an optimised image."""
-    flat = images.flatten(1)
-    low = flat.amin(1).view(-1, 1, 1, 1)
-    span = (flat.amax(1).view(-1, 1, 1, 1) - low).clamp_min(1e-12)
-    return (images - low) / span
-
-
-# ----------------------------------------------------------------------------- metrics files
-
-
-def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """One record per method: images explained, mean seconds per image and the mean of each metric."""
-    summary = []
-    for name in methods:
-        mine = [r for r in rows if r["method"] == name]
-        if not mine:
-            continue
-        record: dict[str, Any] = {"method": name, "images": len(mine)}
-        record["ms_per_image"] = 1000.0 * sum(r["seconds"] for r in mine) / len(mine)
-        for metric in METRICS:
-            values = [r[metric] for r in mine if r.get(metric) is not None and not math.isnan(r[metric])]
-            if values:
-                record[metric] = sum(values) / len(values)
-        summary.append(record)
-    return summary
-
-
-def _write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(key for record in records for key in record))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
-
-
-def write_metrics(
-    out: str | Path, rows: Sequence[dict[str, Any]], methods: Sequence[str], skipped: dict[str, str]
-) -> dict[str, Any]:
-    """``metrics.json`` (summary, per-image rows, skipped methods), ``metrics.csv`` and
-    ``metrics_per_image.csv`` in ``out``; returns the JSON content."""
-    out = Path(out)
-    summary = summarize(rows, methods)
-    content = {
-        "methods": [r["method"] for r in summary],
-        "better": {m: BETTER[m] for m in METRICS if any(m in r for r in summary)},
-        "summary": summary,
-        "skipped": skipped,
-        "per_image": list(rows),
-    }
-    (out / "metrics.json").write_text(json.dumps(content, indent=1))
-    _write_csv(out / "metrics.csv", summary)
-    _write_csv(out / "metrics_per_image.csv", rows)
-    return content
+        The records and metric values are merged by torchmetrics' sync, so under torch.distributed
+        this is a collective: every process calls it (after :meth:`run`, which does) and gets all
+        rows. Localisation values are included when every image came with a mask.
+        """
+        return self.run_metrics.results(self.image_ids)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -454,6 +432,7 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     from accelerate import PartialState
 
     names = resolve_methods(cfg.methods)
+    method_options(cfg.options)  # a misspelt method option fails before any work
     check_positive_int(cfg.size, "size", minimum=8)
     check_positive_int(cfg.batch_size, "batch_size")
     paths = list_images(cfg.images)
@@ -468,11 +447,8 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
     strict = not any(n.lower() == "all" for n in cfg.methods)
     methods, skipped = build_methods(model, names, layer=layer, options=cfg.options, strict=strict)
     out = Path(cfg.out)
-    parts = out / "parts"
     if state.is_main_process:
-        parts.mkdir(parents=True, exist_ok=True)
-        for old in parts.glob("rank-*.json"):
-            old.unlink()
+        out.mkdir(parents=True, exist_ok=True)
         record = {
             **dataclasses.asdict(cfg),
             "layer": layer,
@@ -494,25 +470,23 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
         png_size=cfg.png_size,
         strict=strict,
         skipped=skipped,
+        image_ids=[image_id for image_id, _ in items],
     )
     with state.split_between_processes(items) as shard:
         batches = folder_batches(shard, cfg.size, cfg.batch_size, _channels(model))
+        # every process gets every process's rows: the metrics merge by torchmetrics' sync
         rows = explainer.run(
             batches, total=len(shard), device=device, progress=progress and state.is_main_process
         )
-    part = {"rows": rows, "skipped": explainer.skipped}
-    (parts / f"rank-{state.process_index}.json").write_text(json.dumps(part))
-    state.wait_for_everyone()
-
+    error = None
     if state.is_main_process:
-        rows, skipped = [], {}
-        for file in sorted(parts.glob("rank-*.json")):
-            content = json.loads(file.read_text())
-            rows += content["rows"]
-            skipped.update(content["skipped"])
-        write_metrics(out, rows, [n for n in names if n not in skipped], skipped)
-        build_report(out, explain_sections(out))
-    state.wait_for_everyone()
+        try:
+            skipped = explainer.skipped
+            write_metrics(out, rows, [n for n in names if n not in skipped], skipped)
+            build_report(out, explain_sections(out))
+        except Exception as err:
+            error = err
+    gather_or_raise(error)  # the others wait here, and fail too if writing failed
     return out
 
 
