@@ -84,21 +84,11 @@ def load_run(
         unet = build_unet(cfg, channels)
         disc = build_discriminator(cfg, channels) if cfg.guided else None
     else:
-        unet = _load_module(path, "unet_ema" if use_ema else "unet", UNet)
-        disc = _load_module(path, "discriminator", Discriminator) if cfg.guided else None
+        unet = checkpoint.load_module(path, "unet_ema" if use_ema else "unet", UNet)
+        disc = checkpoint.load_module(path, "discriminator", Discriminator) if cfg.guided else None
     unet = unet.to(device).eval().requires_grad_(False)
     disc = disc.to(device).eval().requires_grad_(False) if disc is not None else None
     return LoadedRun(cfg, unet, disc, build_schedule(cfg).to(device), path)
-
-
-def _load_module(folder: Path, name: str, cls: type[nn.Module]) -> nn.Module:
-    """``cls`` rebuilt from the config stored with ``name``'s weights, with those weights."""
-    config = checkpoint.read_config(folder, name)
-    if config is None:
-        raise ValueError(f"checkpoint: {folder / name}.safetensors holds no module config")
-    module = cls(**config)
-    module.load_state_dict(checkpoint.read_weights(folder, name))
-    return module
 
 
 def model_fn_for(

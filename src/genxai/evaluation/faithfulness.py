@@ -375,6 +375,14 @@ class Insertion(PixelCurve):
     higher_is_better = True
 
 
+def _once(cls: type[ScoreMetric], model: nn.Module, *inputs: torch.Tensor, **options: Any) -> MetricResult:
+    """``cls`` over one batch: built without cross-process sync (safe inside a distributed run),
+    updated once, computed."""
+    metric = cls(model, sync_on_compute=False, **options)
+    metric.update(*inputs)
+    return metric.compute()
+
+
 def average_drop(
     model: nn.Module,
     x: torch.Tensor,
@@ -385,9 +393,7 @@ def average_drop(
     batch_size: int = 64,
 ) -> MetricResult:
     """Average Drop % of ``maps`` for ``x`` (Grad-CAM++); see :class:`AverageDrop`."""
-    metric = AverageDrop(model, target=target, score=score, batch_size=batch_size, sync_on_compute=False)
-    metric.update(x, maps)
-    return metric.compute()
+    return _once(AverageDrop, model, x, maps, target=target, score=score, batch_size=batch_size)
 
 
 def increase_in_confidence(
@@ -400,11 +406,7 @@ def increase_in_confidence(
     batch_size: int = 64,
 ) -> MetricResult:
     """Increase in Confidence % of ``maps`` for ``x`` (Grad-CAM++); see :class:`IncreaseInConfidence`."""
-    metric = IncreaseInConfidence(
-        model, target=target, score=score, batch_size=batch_size, sync_on_compute=False
-    )
-    metric.update(x, maps)
-    return metric.compute()
+    return _once(IncreaseInConfidence, model, x, maps, target=target, score=score, batch_size=batch_size)
 
 
 def win_percent(
@@ -418,9 +420,7 @@ def win_percent(
     batch_size: int = 64,
 ) -> WinResult:
     """Win% of method A (``maps_a``) against method B (``maps_b``); see :class:`WinPercent`."""
-    metric = WinPercent(model, target=target, score=score, batch_size=batch_size, sync_on_compute=False)
-    metric.update(x, maps_a, maps_b)
-    return metric.compute()
+    return _once(WinPercent, model, x, maps_a, maps_b, target=target, score=score, batch_size=batch_size)
 
 
 def deletion(
@@ -435,17 +435,8 @@ def deletion(
     batch_size: int = 64,
 ) -> CurveResult:
     """Deletion AUC and curves (RISE); see :class:`Deletion`."""
-    metric = Deletion(
-        model,
-        steps=steps,
-        baseline=baseline,
-        target=target,
-        score=score,
-        batch_size=batch_size,
-        sync_on_compute=False,
-    )
-    metric.update(x, maps)
-    return metric.compute()
+    options = {"steps": steps, "baseline": baseline, "score": score, "batch_size": batch_size}
+    return _once(Deletion, model, x, maps, target=target, **options)
 
 
 def insertion(
@@ -460,17 +451,8 @@ def insertion(
     batch_size: int = 64,
 ) -> CurveResult:
     """Insertion AUC and curves (RISE); see :class:`Insertion`."""
-    metric = Insertion(
-        model,
-        steps=steps,
-        baseline=baseline,
-        target=target,
-        score=score,
-        batch_size=batch_size,
-        sync_on_compute=False,
-    )
-    metric.update(x, maps)
-    return metric.compute()
+    options = {"steps": steps, "baseline": baseline, "score": score, "batch_size": batch_size}
+    return _once(Insertion, model, x, maps, target=target, **options)
 
 
 __all__ = [

@@ -21,12 +21,13 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+M = TypeVar("M", bound=torch.nn.Module)
 _NAME = re.compile(r"^ckpt-(\d{8,})$")
 
 
@@ -117,6 +118,17 @@ def read_weights(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no {path.name} in {folder}")
     return load_file(path, device=str(device))
+
+
+def load_module(folder: str | Path, name: str, cls: type[M], device: str | torch.device = "cpu") -> M:
+    """``cls(**config)`` from the config stored with ``NAME.safetensors``, with its weights: a
+    module that describes itself loads without the experiment that trained it."""
+    config = read_config(folder, name)
+    if config is None:
+        raise ValueError(f"checkpoint: {Path(folder) / name}.safetensors holds no module config")
+    module = cls(**config)
+    module.load_state_dict(read_weights(folder, name))
+    return module.to(device)
 
 
 def write_state(folder: str | Path, name: str, tree: Any) -> Path:
