@@ -37,8 +37,9 @@ def load_config(cls: type[T] | T, path: str | Path | None = None, overrides: Seq
     try:
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"config: {err}") from None
+    except OmegaConfBaseException as err:  # one line: the key, then OmegaConf's first line
+        key, first = getattr(err, "full_key", None), (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"config: {key}: {first}" if key else f"config: {first}") from None
 
 
 SHIPPED = Path(__file__).parent / "configs"

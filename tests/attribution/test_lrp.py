@@ -429,12 +429,16 @@ def test_merged_batch_norm_keeps_the_function():
     assert model[0].bias is None
 
 
-def test_canonizer_needs_eval_mode(images):
+def test_canonizer_needs_eval_mode_and_lrp_runs_a_training_model_in_it(images):
     model = VGGish(batch_norm=True).train()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="eval"):
-        LRP(model, canonizers=[MergeBatchNorm()])(images, target=0)
+    with pytest.raises(ValueError, match="eval"), MergeBatchNorm().apply(model):
+        pass
+    relevance = LRP(model, canonizers=[MergeBatchNorm()])(images, target=0)  # eval mode inside the call
     assert_restored(model, before)
+    assert model.training and all(m.training for m in model.modules())
+    expected = LRP(model.eval(), canonizers=[MergeBatchNorm()])(images, target=0)
+    torch.testing.assert_close(relevance, expected)
 
 
 # --- Relevance-CAM --------------------------------------------------------------------------------

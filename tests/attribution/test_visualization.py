@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -91,3 +92,44 @@ def test_bad_input(gapnet, images):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="x: contains 1 NaN"):
         ClassModelVisualization(gapnet, steps=2)(bad, target=0)
+
+
+def _resnet_like() -> nn.Module:
+    """conv (no bias) -> BatchNorm -> ReLU -> pool -> linear: at the zero image every ReLU is off,
+    so no gradient reaches the image (as in a random ResNet-18)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+
+
+def test_a_constant_result_warns_and_a_dead_start_stops_at_once():
+    model = _resnet_like()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.warns(UserWarning, match=r"result is constant \(0\) for images \[0, 1\].*init='input'"):
+        images = ClassModelVisualization(model, steps=1000)(torch.zeros(2, 3, 8, 8), target=1)
+    assert not images.any()
+    assert len(calls) == 2  # binding the target, then one step: a zero image with no gradient stays zero
+
+
+def test_a_moving_result_does_not_warn(gapnet, images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ClassModelVisualization(gapnet, steps=3)(images, target=1)
+
+
+def test_max_seconds_bounds_the_time(gapnet, images):
+    calls = []
+    gapnet.register_forward_hook(lambda *_: calls.append(1))
+    method = ClassModelVisualization(gapnet, steps=50, max_seconds=1e-9)
+    with pytest.warns(UserWarning, match=r"stopped after 1 of 50 steps \(max_seconds=1e-09\)"):
+        method(images, target=1)
+    assert len(calls) == 2  # binding, then the one step every run makes
+    with pytest.raises(ValueError, match=r"max_seconds: expected a number in \(0.0, inf\), got 0"):
+        ClassModelVisualization(gapnet, max_seconds=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,33 @@ def test_errors_inside_training_are_one_line(tmp_path):
     assert out.exit_code == 2 and out.output.startswith("error:") and "FID Inception" in out.output
     assert out.exception is None or isinstance(out.exception, SystemExit)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_train_exits_with_the_signal_and_a_rerun_resumes(tmp_path, monkeypatch, signum, code):
+    from genxai.diffusion.trainer import Trainer
+
+    fit = Trainer.fit
+
+    def interrupted_fit(self, until=None):
+        fit(self, 2)
+        self._signal = signum  # as the signal handler does, after two iterations
+        return fit(self, until)
+
+    args = ["train", "--config", DEMO, *TINY, f"out_dir={tmp_path}", "name=r"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "fit", interrupted_fit)
+        out = runner.invoke(app, args)
+    assert out.exit_code == code, out.output
+    name = signal.Signals(signum).name
+    summary = _json(out.stdout)
+    done = summary["processes"]
+    assert summary["status"] == "interrupted" and summary["signal"] == name and 0 < done < 6
+    assert f"interrupted at Process {done} ({name}, saved " in out.stderr
+    assert "rerun the same command to resume" in out.stderr
+
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert out.stderr.startswith(f"resuming from Process {done} (")
+    summary = _json(out.stdout)
+    assert summary["status"] == "finished" and summary["signal"] is None and summary["processes"] == 6

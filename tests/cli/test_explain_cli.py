@@ -454,3 +454,42 @@ def test_explainer_processes_agree_on_a_method_failing_on_one_of_them(tmp_path):
         keys = ("target", "predicted", "probability", *METRIC_KEYS)
         for merged, reference in zip(lenient["rows"], alone):
             assert {k: merged[k] for k in keys} == pytest.approx({k: reference[k] for k in keys}, abs=1e-6)
+
+
+def test_size_defaults_to_the_checkpoints_own_input_size(workspace, tmp_path):
+    torch.manual_seed(0)
+    save_classifier(SmallResNet(classes=6, width=4, image_size=16).eval(), tmp_path / "ckpt16")
+    out = tmp_path / "run"
+    args = ["explain", "--model", str(tmp_path / "ckpt16"), "--images", str(workspace / "images")]
+    result = runner.invoke(app, [*args, "--out", str(out), "--method", "saliency", "--no-metrics"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["size"] == 16
+    assert load_file(str(out / "maps" / "shape0.safetensors"))["saliency"].shape == (3, 16, 16)
+
+
+def test_a_torchvision_model_without_weights_says_it_is_random(workspace, tmp_path):
+    out = tmp_path / "run"
+    args = ["explain", "--model", "squeezenet1_1", "--classes", "3", "--images", str(workspace / "images")]
+    args += ["--out", str(out), "--size", "32", "--method", "saliency", "--no-metrics", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warning = "warning: model: squeezenet1_1 has random weights"
+    assert warning in result.stderr and "--weights PATH" in result.stderr
+    notes = json.loads((out / "config.json").read_text())["notes"]
+    assert "squeezenet1_1 has random weights" in notes
+    assert "squeezenet1_1 has random weights" in (out / "report.html").read_text()
+
+    from genxai.models.classifier import load_torchvision
+
+    torch.save(load_torchvision("squeezenet1_1", classes=3).state_dict(), tmp_path / "w.pth")
+    result = runner.invoke(app, [*args, "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    assert "random weights" not in result.output
+    assert "notes" not in json.loads((tmp_path / "w" / "config.json").read_text())
+
+
+def test_weights_are_for_torchvision_models_only(workspace, tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"")
+    result = explain(workspace, tmp_path / "run", "--weights", str(tmp_path / "w.pth"))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: weights:") and "genxai checkpoint" in result.output

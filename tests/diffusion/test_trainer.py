@@ -162,23 +162,12 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all() for k in before)
 
 
-SIGTERM_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from genxai.diffusion.config import load_experiment
-    from genxai.diffusion.trainer import Trainer
-    cfg = load_experiment(sys.argv[1], sys.argv[2:])
-    print(json.dumps(Trainer(cfg).fit()), flush=True)
-    """
-)
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(SIGTERM_SCRIPT)
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    """`genxai train` stopped by SIGTERM saves, says where it stopped and exits 128 + 15."""
     overrides = [*TINY, f"out_dir={tmp_path}", "name=term", "cycle.cycles=1000", "train.log_every=1"]
+    command = [sys.executable, "-m", "genxai.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml")]
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(ROOT / "configs" / "demo.yaml"), *overrides],
+        [*command, *overrides],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -192,9 +181,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 143, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["status"] == "interrupted"
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    processes = summary["processes"]
+    assert f"interrupted at Process {processes} (SIGTERM" in err
+    assert "rerun the same command to resume" in err
     assert 2 <= summary["iteration"] < 4000
     last = checkpoint.latest(tmp_path / "term" / "checkpoints")
     assert checkpoint.checkpoint_step(last) == summary["iteration"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from genxai.models import (
     save_classifier,
     train_classifier,
 )
-from genxai.models.classifier import IMAGENET_MEAN, IMAGENET_STD
+from genxai.models.classifier import IMAGENET_MEAN, IMAGENET_STD, input_size, random_weights_note
 
 
 def quadrant_data(n: int = 96, size: int = 16, seed: int = 0) -> TensorDataset:
@@ -123,3 +124,37 @@ def test_unknown_model_names_close_matches(tmp_path):
         load_model("resnet81")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model(str(tmp_path / "nothing_here"))
+
+
+def test_a_torchvision_model_without_weights_warns_that_they_are_random(tmp_path):
+    with pytest.warns(UserWarning, match=r"model: squeezenet1_1 has random weights .* --weights PATH"):
+        model = load_model("squeezenet1_1", classes=3)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model("squeezenet1_1", tmp_path / "w.pth", classes=3)
+    assert random_weights_note("squeezenet1_1", None) is not None
+    assert random_weights_note("squeezenet1_1", tmp_path / "w.pth") is None
+    assert random_weights_note(tmp_path / "ckpt", None) is None
+
+
+def test_weights_files_are_checked(tmp_path):
+    torch.save({"net": object.__new__(ClassifierConfig)}, tmp_path / "pickled.pth")  # not plain tensors
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    for file, message in (
+        ("pickled.pth", r"holds objects other than tensors, which torch.load\(weights_only=True\) refuses"),
+        ("junk.safetensors", "is not a .safetensors file or a torch state dict"),
+        ("tensor.pth", "holds a Tensor, not a state dict"),
+    ):
+        with pytest.raises(ValueError, match=f"weights: .*{file} {message}"):
+            load_torchvision("squeezenet1_1", tmp_path / file, classes=3)
+    save_classifier(SmallResNet(classes=2, width=4), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"weights: .* is a genxai checkpoint with its own weights"):
+        load_model(tmp_path / "ckpt", tmp_path / "tensor.pth")
+
+
+def test_input_size_of_checkpoints_and_torchvision_models(tmp_path):
+    save_classifier(SmallResNet(classes=2, width=4, image_size=16), tmp_path / "ckpt")
+    assert input_size(load_model(tmp_path / "ckpt")) == 16
+    assert input_size(load_torchvision("squeezenet1_1", classes=3)) == 224

@@ -3,9 +3,10 @@
     heat = GradCAM(model, layer="layer4")(x, target=3)
 
 A method subclass implements :meth:`Attribution.attribute` only; checks, target normalisation,
-float32 output on the input's device and optional per-image min-max scaling happen here. Layer
-methods (the CAM family, Relevance-CAM) derive from :class:`LayerAttribution`, which resolves the
-layer once (an unknown name lists the closest names) and upsamples maps to the input size.
+eval mode (every module's own mode restored after the call), float32 output on the input's device
+and optional per-image min-max scaling happen here. Layer methods (the CAM family, Relevance-CAM)
+derive from :class:`LayerAttribution`, which resolves the layer once (an unknown name lists the
+closest names) and upsamples maps to the input size.
 
 :func:`build` constructs any registered method by name with checked options: the one way the jobs,
 the CLI and the diffusion trainer make methods (``build("rise", model, masks=1000)``).
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genxai.core.checks import check_images
+from genxai.core.checks import check_images, check_model_dtype
 from genxai.core.hooks import default_layer, resolve_layer
 from genxai.core.maps import minmax_normalize
+from genxai.core.modes import evaluation_mode
 from genxai.core.registry import Registry
 from genxai.core.targets import Target, as_target
 
@@ -59,8 +61,11 @@ class Attribution(ABC):
     """Base class: ``Method(model, **options)(x, target=None) -> maps``.
 
     Args:
-        model: any ``nn.Module`` taking a (N, C, H, W) batch. Its train/eval mode and
-            ``requires_grad`` flags are left as they are; nothing stays attached after a call.
+        model: any ``nn.Module`` taking a (N, C, H, W) batch. A call runs it in eval mode (no
+            BatchNorm statistics update, no dropout) and gives every module its own mode back
+            afterwards, exceptions included; ``requires_grad`` flags are left as they are and
+            nothing stays attached after a call. ``x`` must be in the model's precision
+            (float64 only for a float64 model).
         normalize: min-max scale each returned map to [0, 1].
         autocast: run forwards under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
 
@@ -80,8 +85,10 @@ class Attribution(ABC):
         self.autocast = autocast
 
     def __call__(self, x: torch.Tensor, target: Any = None, **kwargs: Any) -> torch.Tensor:
-        x = check_images(x, "x")
-        maps = self.attribute(x, as_target(target), **kwargs).float()
+        x = check_model_dtype(check_images(x, "x"), self.model, "x")
+        target = as_target(target)
+        with evaluation_mode(self.model):  # an explanation never changes the model
+            maps = self.attribute(x, target, **kwargs).float()
         return minmax_normalize(maps) if self.normalize else maps
 
     @abstractmethod

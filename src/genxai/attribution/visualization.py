@@ -4,11 +4,16 @@ Simonyan et al. (2013) find ``argmax_I  S_c(I) - lambda ||I||^2`` by gradient as
 pre-softmax class score from a zero image. Random jitter (rolling the image a few pixels each step)
 and a periodic Gaussian blur (Yosinski et al., 2015) keep the result from being high-frequency
 noise. Any target works, e.g. ``UnitActivation(layer, unit)`` visualises one unit of a layer.
+
+A result that stayed constant (no gradient reached the image: a random network's ReLUs all off at
+the zero start, say) comes with a warning instead of passing silently as a picture.
 """
 
 from __future__ import annotations
 
 import math
+import time
+import warnings
 
 import torch
 from torch import nn
@@ -39,6 +44,10 @@ class ClassModelVisualization(Attribution):
         normalize_grad: divide each image's gradient by its mean absolute value (as DeepDream), so
             ``lr`` is the mean step per pixel whatever the model's gradient scale.
         seed: seed of the jitter (None: the global generator).
+        max_seconds: stop after this many seconds, with a warning, even before ``steps`` steps
+            (None: no time limit).
+
+    Warns (``UserWarning``) when an image comes out constant, e.g. all zero.
     """
 
     output = "image"
@@ -56,6 +65,7 @@ class ClassModelVisualization(Attribution):
         init: str = "zeros",
         normalize_grad: bool = False,
         seed: int | None = 0,
+        max_seconds: float | None = None,
         **kwargs,
     ):
         super().__init__(model, **kwargs)
@@ -68,6 +78,11 @@ class ClassModelVisualization(Attribution):
         self.init = check_choice(init, "init", ("zeros", "input"))
         self.normalize_grad = bool(normalize_grad)
         self.seed = seed
+        self.max_seconds = (
+            None
+            if max_seconds is None
+            else check_in_range(max_seconds, "max_seconds", 0.0, math.inf, closed=False)
+        )
 
     def attribute(self, x: torch.Tensor, target: Target, init: str | None = None) -> torch.Tensor:
         init = check_choice(self.init if init is None else init, "init", ("zeros", "input"))
@@ -79,7 +94,16 @@ class ClassModelVisualization(Attribution):
             generator.manual_seed(self.seed)
         else:
             generator.seed()
+        deadline = None if self.max_seconds is None else time.monotonic() + self.max_seconds
         for step in range(self.steps):
+            if deadline is not None and step > 0 and time.monotonic() > deadline:
+                warnings.warn(
+                    f"ClassModelVisualization: stopped after {step} of {self.steps} steps "
+                    f"(max_seconds={self.max_seconds:g})",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                break
             shift = (0, 0)
             if self.jitter:
                 shift = tuple(
@@ -88,10 +112,28 @@ class ClassModelVisualization(Attribution):
             rolled = image.roll(shift, dims=(2, 3))
             grad = forward_backward(self.model, rolled, target, autocast=self.autocast).input_grad
             grad = grad.to(image.dtype).roll((-shift[0], -shift[1]), dims=(2, 3))
+            if not bool(grad.any()) and not bool(image.any()):
+                break  # a zero image with no gradient stays zero: every further step is the same
             if self.normalize_grad:
                 grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
             image = image + self.lr * (grad - 2 * self.l2 * image)
             if self.blur_every and (step + 1) % self.blur_every == 0:
                 radius = max(1, math.ceil(3 * self.blur_sigma))  # at least 3 taps, borders replicated
                 image = gaussian_blur(image, self.blur_sigma, radius=radius, padding="replicate")
+        _warn_if_constant(image)
         return image
+
+
+def _warn_if_constant(images: torch.Tensor) -> None:
+    """Warn when any image of the batch is constant (the ascent found no direction to move in)."""
+    flat = images.detach().flatten(1)
+    constant = (flat.amax(dim=1) == flat.amin(dim=1)).nonzero().flatten().tolist()
+    if constant:
+        value = float(flat[constant[0], 0])
+        warnings.warn(
+            f"ClassModelVisualization: the result is constant ({value:g}) for images {constant}: no "
+            "gradient of the target reached the image (e.g. a random or untrained network whose ReLUs "
+            "are all off at the zero start). Try init='input', another target, or a trained model.",
+            UserWarning,
+            stacklevel=4,
+        )

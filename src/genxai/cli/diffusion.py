@@ -6,7 +6,8 @@
     genxai ablate --config configs/demo.yaml
 
 Several GPUs or nodes: ``accelerate launch --multi_gpu -m genxai.cli train --config ...``.
-User errors print one line ``error: ...`` and exit with code 2; a NaN loss exits with code 1.
+User errors print one line ``error: ...`` and exit with code 2; a NaN loss exits with code 1; a
+training run stopped by SIGINT/SIGTERM (checkpoint saved) exits with 130/143, as shells report.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ ConfigOption = Annotated[
 ]
 RunOption = Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `genxai train`.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("png", "safetensors")
 
 
 def _device(name: str) -> str:
@@ -42,6 +45,28 @@ def _device(name: str) -> str:
     return name
 
 
+def _check_choices(**options: tuple[str | None, tuple[str, ...]]) -> None:
+    """Each ``--option`` value (None: not given) among its choices, before any work; else fail."""
+    from genxai.core.checks import check_choice
+
+    try:
+        for name, (value, choices) in options.items():
+            if value is not None:
+                check_choice(value, f"--{name.replace('_', '-')}", choices)
+    except ValueError as err:
+        raise fail(err) from None
+
+
+def _exit_code(summary: dict) -> int:
+    """0 when training ended normally; 128 + the signal's number when a signal interrupted it."""
+    import signal
+
+    if summary["status"] != "interrupted":
+        return 0
+    name = summary.get("signal") or "SIGTERM"
+    return 128 + int(signal.Signals[name])
+
+
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 
 
@@ -49,14 +74,16 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 def train(config: ConfigOption, overrides: Overrides = None) -> None:
     """Train one variant of an experiment config (resumes the run folder's newest checkpoint).
 
-    The run folder is out_dir/name. SIGTERM or Ctrl-C saves a checkpoint and stops; run the same
-    command again to continue.
+    The run folder is out_dir/name. SIGTERM or Ctrl-C saves a checkpoint and stops with exit code
+    143 or 130; run the same command again to continue.
     """
     from genxai.diffusion.config import load_experiment
     from genxai.diffusion.trainer import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(load_experiment(config, overrides or []))
+        if trainer.resumed_from is not None and trainer.is_main:
+            typer.echo(f"resuming from Process {trainer.processes} ({trainer.resumed_from})", err=True)
         summary = trainer.fit()
     except NonFiniteLossError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
@@ -65,10 +92,17 @@ def train(config: ConfigOption, overrides: Overrides = None) -> None:
         raise fail(err) from None
     finally:
         end_process_group()
+    code = _exit_code(summary)
     if trainer.is_main:
-        if summary["status"] == "interrupted":
-            typer.echo(f"interrupted: saved {summary['checkpoint']}; run the same command to resume")
         typer.echo(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
+        if code:
+            typer.echo(
+                f"interrupted at Process {summary['processes']} ({summary['signal']}, saved "
+                f"{summary['checkpoint']}); rerun the same command to resume",
+                err=True,
+            )
+    if code:
+        raise typer.Exit(code=code)
 
 
 def _check_sampling(
@@ -94,7 +128,7 @@ def _check_sampling(
 def sample(
     run: RunOption,
     n: Annotated[
-        int | None, typer.Option("--n", help="Number of images [default: the run's sample.num_images].")
+        int | None, typer.Option("--n", help="Number of images (default: the run's sample.num_images).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per sampling batch.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the starting noise.")] = 0,
@@ -112,7 +146,7 @@ def sample(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder [default: RUN/samples-SEED].")
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: RUN/samples-SEED).")
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="png (grid + one PNG per image) or safetensors.")
@@ -136,9 +170,9 @@ def sample(
     """
     from genxai.diffusion.guidance import DiscriminatorGuidance
     from genxai.diffusion.pipeline import load_run, sample_run
+    from genxai.diffusion.sampling import SAMPLERS
 
-    if fmt not in ("png", "safetensors"):
-        raise fail(ValueError(f"--format: expected png or safetensors, got {fmt!r}"))
+    _check_choices(format=(fmt, FORMATS), sampler=(sampler, SAMPLERS), device=(device, DEVICES))
     try:
         loaded = load_run(run, checkpoint_path=checkpoint, use_ema=ema, device=_device(device))
         cfg = loaded.cfg
@@ -250,14 +284,14 @@ def _stored_batches(path: Path, batch_size: int, channels: int) -> Iterator:
 def fid(
     run: RunOption,
     n: Annotated[
-        int | None, typer.Option("--n", help="Generated images [default: eval.num_samples or 1000].")
+        int | None, typer.Option("--n", help="Generated images (default: eval.num_samples or 1000).")
     ] = None,
     samples: Annotated[
         Path | None,
         typer.Option("--samples", help="Use stored samples (a folder of PNGs or samples.safetensors)."),
     ] = None,
     features: Annotated[
-        str | None, typer.Option("--features", help="auto, inception or classifier [default: the run's].")
+        str | None, typer.Option("--features", help="auto, inception or classifier (default: the run's).")
     ] = None,
     inception: Annotated[
         Path | None, typer.Option("--inception", help="TorchScript FID Inception file (e.g. default_1.pt).")
@@ -289,8 +323,10 @@ def fid(
     from genxai.core.checks import check_choice, check_positive_int
     from genxai.diffusion.config import build_dataset
     from genxai.diffusion.pipeline import load_run, reference_fid, sample_run
+    from genxai.diffusion.sampling import SAMPLERS
     from genxai.evaluation.fid import FEATURE_KINDS
 
+    _check_choices(features=(features, FEATURE_KINDS), sampler=(sampler, SAMPLERS), device=(device, DEVICES))
     dev = _device(device)
     try:
         loaded = load_run(run, use_ema=ema, device=dev)
@@ -360,7 +396,7 @@ def ablate(
     ] = True,
     p2: Annotated[bool, typer.Option("--p2/--no-p2", help="Add the P2-weighting baseline.")] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Ablation folder [default: out_dir/name].")
+        Path | None, typer.Option("--out", "-o", help="Ablation folder (default: out_dir/name).")
     ] = None,
 ) -> None:
     """Train every variant with the same budget, data and seeds, then compare them.

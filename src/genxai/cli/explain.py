@@ -9,12 +9,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperCommand
 
-from genxai.cli.app import app, end_process_group, fail
+from genxai.cli.app import app, end_process_group, fail, warnings_as_lines
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
-@app.command()
+class MethodsInHelp(TyperCommand):
+    """A command whose ``--method`` help lists the registered methods (looked up for --help only,
+    so other commands start without importing torch)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from genxai.attribution import names
+
+        for param in self.params:
+            if param.name == "method" and "Methods:" not in (param.help or ""):
+                param.help = f"{param.help} Methods: {', '.join(names())}."
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=MethodsInHelp)
 def explain(
     images: Annotated[
         Path | None, typer.Option("--images", "-i", help="Folder of images (searched recursively).")
@@ -27,7 +44,7 @@ def explain(
         list[str] | None,
         typer.Option(
             "--method",
-            help="Attribution method, repeat for several; 'all' for every registered one [default: gradcam].",
+            help="Attribution method, repeat for several; 'all' for every registered one (default: gradcam).",
         ),
     ] = None,
     layer: Annotated[
@@ -37,12 +54,22 @@ def explain(
         int | None, typer.Option("--target", help="Class to explain (default: each image's prediction).")
     ] = None,
     size: Annotated[
-        int, typer.Option("--size", help="Images are center-cropped and resized to SIZE x SIZE.")
-    ] = 224,
+        int | None,
+        typer.Option(
+            "--size",
+            help="Images are center-cropped and resized to SIZE x SIZE (default: a checkpoint's "
+            "own input size, 224 for torchvision models).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     weights: Annotated[
-        Path | None, typer.Option("--weights", help="Local weights file of a torchvision model.")
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="Local weights of a torchvision model (.safetensors or a torch state dict); "
+            "without it the model has random weights.",
+        ),
     ] = None,
     classes: Annotated[
         int, typer.Option("--classes", help="Number of classes of a torchvision model.")
@@ -73,6 +100,12 @@ def explain(
 
     Many images: `accelerate launch --multi_gpu --num_processes N -m genxai.cli explain ...` runs N processes, each explaining its share (add --device cpu to run them on CPUs); an error on one process stops all of them with that error.
     """
+    from genxai.core.checks import check_choice
+
+    try:
+        check_choice(device, "--device", DEVICES)
+    except ValueError as err:
+        raise fail(err) from None
     from genxai.config import load_config
     from genxai.jobs.explain import ExplainConfig, run_explain
 
@@ -97,7 +130,8 @@ def explain(
             cfg = load_config(cfg, config, overrides or [])
         if not cfg.images:
             raise ValueError("--images: a folder of images is required (or images: in --config)")
-        run_dir = run_explain(cfg)
+        with warnings_as_lines():  # e.g. a torchvision model without --weights has random weights
+            run_dir = run_explain(cfg)
         from accelerate import PartialState
 
         main = PartialState().is_main_process
@@ -132,7 +166,7 @@ def report(
     typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=MethodsInHelp)
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/demo"),
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 32,
@@ -140,7 +174,7 @@ def demo(
     train_images: Annotated[int, typer.Option("--train-images", help="Shapes images to train on.")] = 2400,
     images: Annotated[int, typer.Option("--images", help="Held-out images to explain.")] = 12,
     method: Annotated[
-        list[str] | None, typer.Option("--method", help="Methods to run [default: all registered].")
+        list[str] | None, typer.Option("--method", help="Methods to run (default: all registered).")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     diffusion: Annotated[
@@ -152,9 +186,12 @@ def demo(
     Trains the demo diffusion config as the baseline and the noise+hierarchical variant on the same
     budget and seeds, then a small CNN on the bundled shapes explained with every method; one report.
     """
-    from genxai.jobs.demo import run_demo
+    from genxai.core.checks import check_choice
 
     try:
+        check_choice(device, "--device", ("cpu", "cuda"))
+        from genxai.jobs.demo import run_demo
+
         path = run_demo(
             out,
             size=size,

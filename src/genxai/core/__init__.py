@@ -1,5 +1,5 @@
 """The small core every capability builds on: hooks, patching, targets, input checks, map
-arithmetic, the two loops."""
+arithmetic, the two loops, eval mode that restores every module's own mode."""
 
 from genxai.core.checks import check_finite, check_images, check_maps
 from genxai.core.engine import Gradients, batched_scores, forward_backward, model_output
@@ -13,6 +13,7 @@ from genxai.core.hooks import (
     run_until,
 )
 from genxai.core.maps import gaussian_blur, minmax_normalize
+from genxai.core.modes import evaluation_mode
 from genxai.core.patching import Patch
 from genxai.core.registry import Registry
 from genxai.core.targets import bind_target
@@ -29,6 +30,7 @@ __all__ = [
     "check_images",
     "check_maps",
     "default_layer",
+    "evaluation_mode",
     "forward_backward",
     "gaussian_blur",
     "get_module",

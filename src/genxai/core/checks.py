@@ -26,6 +26,31 @@ def check_images(x: Any, name: str = "x", *, channels: int | None = None) -> tor
     return x
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (else buffer); None when it has none."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def check_model_dtype(x: torch.Tensor, model: torch.nn.Module, name: str = "x") -> torch.Tensor:
+    """``x`` in a dtype the model computes in: float64 only for a float64 model, and a float64
+    model only with float64 input (torch would fail with "expected scalar type Double")."""
+    dtype = model_dtype(model)
+    if dtype is None or (x.dtype == torch.float64) == (dtype == torch.float64):
+        return x
+    if x.dtype == torch.float64:
+        raise ValueError(
+            f"{name}: expected float32, bfloat16 or float16 for a model with {dtype} weights, got "
+            f"float64; convert with {name}.float() (or the model with model.double())"
+        )
+    raise ValueError(
+        f"{name}: expected float64 for a model with float64 weights, got {x.dtype}; convert with "
+        f"{name}.double() (or the model with model.float())"
+    )
+
+
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     """Reject NaN and infinity with the count of bad values."""
     bad = ~torch.isfinite(x)

@@ -67,23 +67,37 @@ class ClassLogit(Target):
         self.index = index
 
     def __call__(self, output: Any) -> torch.Tensor:
-        output = _logits(output, "ClassLogit")
+        output = self._check(output)
+        if isinstance(self.index, int):
+            return output[:, self.index]
+        return output.gather(1, self.index.to(output.device).long()[:, None])[:, 0]
+
+    def _check(self, output: Any) -> torch.Tensor:
+        """``output`` as (N, classes) logits that the class indices fit (count and range)."""
+        output = _logits(output, type(self).__name__)
         if output.ndim != 2:
             raise ValueError(
-                f"target: ClassLogit expects (N, classes) outputs, got shape {tuple(output.shape)}; "
-                "for a single-logit discriminator use genxai.targets.DiscriminatorScore()"
+                f"target: {type(self).__name__} expects (N, classes) outputs, got shape "
+                f"{tuple(output.shape)}; for a single-logit discriminator use "
+                "genxai.targets.DiscriminatorScore()"
             )
         n, classes = output.shape
         if isinstance(self.index, int):
             if not 0 <= self.index < classes:
                 raise ValueError(f"target: class {self.index} out of range [0, {classes})")
-            return output[:, self.index]
-        index = self.index.to(output.device)
+            return output
+        index = self.index
         if index.shape[0] != n:
             raise ValueError(f"target: expected {n} class indices (one per image), got {index.shape[0]}")
         if bool((index < 0).any()) or bool((index >= classes).any()):
             raise ValueError(f"target: class indices out of range [0, {classes}): {index.tolist()}")
-        return output.gather(1, index.long()[:, None])[:, 0]
+        return output
+
+    def bind(self, output: Any) -> Target:
+        """Checked once on the clean output, so an error lists the classes given for the images
+        (not those of the copies a method derives from them)."""
+        self._check(output)
+        return self
 
     def take(self, index: torch.Tensor) -> Target:
         if isinstance(self.index, int):

@@ -21,7 +21,8 @@ per-image values are a list state reduced by concatenation, so under ``torch.dis
 ``compute()`` returns the images of every process, rank after rank, by torchmetrics' own sync. The
 one-call functions (``average_drop(model, x, maps)``) do all three on one process, never syncing.
 Perturbed inputs are scored ``batch_size`` rows per forward, so memory is bounded whatever the
-number of steps. Put the model in eval mode first (batch statistics would mix the images of a chunk).
+number of steps. The model is scored in eval mode (batch statistics would mix the images of a
+chunk); every module's own mode is restored after each update, so a metric never changes the model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torchmetrics.utilities import dim_zero_cat
 from genxai.core.checks import check_choice, check_images, check_maps, check_positive_int
 from genxai.core.engine import batched_scores, model_output
 from genxai.core.maps import gaussian_blur, minmax_normalize
+from genxai.core.modes import evaluation_mode
 from genxai.core.targets import Target, as_target, evaluate, probability_target
 
 SCORES = ("probability", "logit")
@@ -165,8 +167,8 @@ class ScoreMetric(StreamingMetric):
     """Base of the metrics that score perturbed images with a model.
 
     Args:
-        model: the classifier (or discriminator) in eval mode. The metric refers to it without
-            owning it: ``metric.to(...)``, ``metric.train()`` and ``state_dict()`` leave it alone.
+        model: the classifier (or discriminator), run in eval mode during ``update`` (its modes
+            restored afterwards). The metric refers to it without owning it: ``metric.to(...)``, ``metric.train()`` and ``state_dict()`` leave it alone.
         target: default target of ``update`` (None: the predicted class / the single logit).
         score: "probability" (softmax, or sigmoid for one logit) or "logit".
         batch_size: perturbed images per forward pass.
@@ -191,6 +193,17 @@ class ScoreMetric(StreamingMetric):
         self.target = target
         self.score = score
         self.batch_size = batch_size
+
+    def _wrap_update(self, update: Callable[..., Any]) -> Callable[..., Any]:
+        """torchmetrics' update, run with the model in eval mode (every module's mode restored)."""
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def in_eval_mode(*args: Any, **kwargs: Any) -> None:
+            with evaluation_mode(self.model):
+                wrapped(*args, **kwargs)
+
+        return in_eval_mode
 
     def bind(self, x: torch.Tensor, target: Any) -> tuple[Target, torch.Tensor]:
         """This batch's target (``update``'s, else the default) bound on ``x``, and the clean scores."""
@@ -299,7 +312,7 @@ class PixelCurve(ScoreMetric):
     """Base of deletion and insertion: the score curve as pixels change most salient first.
 
     Args:
-        model: the classifier (or discriminator) in eval mode.
+        model: the classifier (or discriminator), run in eval mode during ``update``.
         steps: number of increments; the curve has ``steps + 1`` points, pixel fractions k/steps.
         baseline: value of removed pixels (deletion) or the starting image (insertion): a number,
             a tensor broadcastable to x, "blur" (RISE's blurred image) or "mean" (per-channel mean).

@@ -152,7 +152,7 @@ def model_randomization(
     if not callable(make_method):
         raise TypeError(f"make_method: expected a callable model -> attribution method, got {make_method!r}")
     x = check_images(x, "x")
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model).eval()  # the copy in eval mode: no batch statistics, no dropout
     names = parameterised_layers(work) if layers is None else list(layers)
     if not names:
         raise ValueError("layers: the model has no parameterised layers to randomise")

@@ -47,8 +47,8 @@ from genxai.core.maps import minmax_normalize
 from genxai.core.targets import ClassLogit
 from genxai.data.folders import IMAGE_EXTENSIONS, load_image
 from genxai.jobs.metrics import RunMetrics, gather_or_raise, table_rows, world, write_metrics
-from genxai.models.classifier import default_layer, load_model
-from genxai.report.figures import as_heatmap, overlay, save_png, to_rgb, upscale
+from genxai.models.classifier import default_layer, input_size, load_model, random_weights_note
+from genxai.report.figures import as_heatmap, colorize, overlay, save_png, to_rgb, upscale
 from genxai.report.html import Grid, Section, Table, build_report
 
 
@@ -66,7 +66,8 @@ class ExplainConfig:
         layer: layer of the layer methods (CAM family, Relevance-CAM); None picks the model's last
             convolutional block.
         target: class to explain; None explains each image's predicted class.
-        size: images are center-cropped and resized to ``size`` x ``size``.
+        size: images are center-cropped and resized to ``size`` x ``size``; None: the
+            checkpoint's own input size (224 for torchvision models).
         batch_size: images per batch.
         device: "auto", "cpu" or "cuda" (under accelerate, each process's own GPU).
         metrics: compute the faithfulness metrics (several forward passes per image and method).
@@ -85,7 +86,7 @@ class ExplainConfig:
     methods: list[str] = field(default_factory=lambda: ["gradcam"])
     layer: str | None = None
     target: int | None = None
-    size: int = 224
+    size: int | None = None
     batch_size: int = 16
     device: str = "auto"
     metrics: bool = True
@@ -433,13 +434,16 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
 
     names = resolve_methods(cfg.methods)
     method_options(cfg.options)  # a misspelt method option fails before any work
-    check_positive_int(cfg.size, "size", minimum=8)
+    if cfg.size is not None:
+        check_positive_int(cfg.size, "size", minimum=8)
+    colorize(torch.zeros(1, 1, 1, 1), cfg.cmap)  # an unknown colormap fails before any work
     check_positive_int(cfg.batch_size, "batch_size")
     paths = list_images(cfg.images)
     items = list(zip(image_ids(paths, Path(cfg.images).expanduser()), paths))
     state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
     device = _device(cfg.device, state)
     model = load_model(cfg.model, cfg.weights, classes=cfg.classes).to(device).eval()
+    size = input_size(model) if cfg.size is None else cfg.size
     layer = cfg.layer
     if any(issubclass(attribution.get(n), LayerAttribution) for n in names):
         layer = layer or default_layer(model)
@@ -451,11 +455,15 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         record = {
             **dataclasses.asdict(cfg),
+            "size": size,
             "layer": layer,
             "methods": names,
             "processes": state.num_processes,
             "class_names": list(getattr(getattr(model, "config", None), "class_names", []) or []),
         }
+        note = random_weights_note(cfg.model, cfg.weights)
+        if note:
+            record["notes"] = note
         (out / "config.json").write_text(json.dumps(record, indent=2))
     state.wait_for_everyone()
 
@@ -473,7 +481,7 @@ def run_explain(cfg: ExplainConfig, *, progress: bool = True) -> Path:
         image_ids=[image_id for image_id, _ in items],
     )
     with state.split_between_processes(items) as shard:
-        batches = folder_batches(shard, cfg.size, cfg.batch_size, _channels(model))
+        batches = folder_batches(shard, size, cfg.batch_size, _channels(model))
         # every process gets every process's rows: the metrics merge by torchmetrics' sync
         rows = explainer.run(
             batches, total=len(shard), device=device, progress=progress and state.is_main_process

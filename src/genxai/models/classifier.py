@@ -6,7 +6,8 @@ enough for tests. Its layers have stable names (``stem``, ``layer1``..``layer3``
 so layer methods can name them; ``layer3`` is the usual Grad-CAM layer.
 
 Checkpoints are a folder with ``model.safetensors`` and ``config.json``. ``load_model`` also builds
-torchvision models by name, with random weights or weights from a local file (never downloads).
+torchvision models by name, with weights from a local file or, with a warning, random weights
+(never downloads).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,7 +257,8 @@ def load_torchvision(
 ) -> nn.Module:
     """A torchvision classifier by name (``resnet18``, ``vgg16``, ...), random or from a local file.
 
-    ``weights``: a ``.pth``/``.pt`` state dict or a ``.safetensors`` file; nothing is downloaded.
+    ``weights``: a ``.pth``/``.pt`` state dict (loaded with ``weights_only=True``: no code runs) or
+    a ``.safetensors`` file; nothing is downloaded. Without it the weights are random.
     ``normalize``: the model takes [0, 1] images and applies the ImageNet mean/std itself (a forward
     pre-hook on the model, so layer names stay those of torchvision: ``layer4``, ``features.28``).
     """
@@ -270,11 +274,24 @@ def load_torchvision(
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights: no file at {path}")
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            if path.suffix == ".safetensors":
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = state.get("state_dict", state) if isinstance(state, dict) else state
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"weights: {path} holds objects other than tensors, which torch.load(weights_only=True) "
+                "refuses; save model.state_dict() (or a .safetensors file) instead"
+            ) from None
+        except Exception as err:  # not a weights file at all
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"weights: {path} is not a .safetensors file or a torch state dict: {reason}"
+            ) from None
+        if not isinstance(state, dict):
+            raise ValueError(f"weights: {path} holds a {type(state).__name__}, not a state dict")
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
@@ -284,11 +301,48 @@ def load_torchvision(
     return model.eval()
 
 
-def load_model(spec: str | Path, weights: str | Path | None = None, *, classes: int = 1000) -> nn.Module:
-    """A genxai checkpoint folder/file, or else a torchvision model name; in eval mode on the CPU."""
+def _is_checkpoint(spec: str | Path) -> bool:
+    """Whether ``spec`` names a checkpoint (an existing path, or anything that looks like a path)."""
     path = Path(spec)
-    if path.exists():
+    return path.exists() or any(sep in str(spec) for sep in ("/", "\\")) or bool(path.suffix)
+
+
+def random_weights_note(spec: str | Path, weights: str | Path | None) -> str | None:
+    """The warning for a torchvision model by name without a weights file (None otherwise)."""
+    if weights is not None or _is_checkpoint(spec):
+        return None
+    return (
+        f"model: {spec} has random weights (no weights file was given; genxai never downloads): its "
+        "explanations describe an untrained network. Pass local weights with --weights PATH "
+        "(.safetensors or a torch state dict)."
+    )
+
+
+def load_model(spec: str | Path, weights: str | Path | None = None, *, classes: int = 1000) -> nn.Module:
+    """A genxai checkpoint folder/file, or else a torchvision model name; in eval mode on the CPU.
+
+    A torchvision model without ``weights`` has random weights, and says so (``UserWarning``).
+    ``weights`` is for torchvision models only: a checkpoint carries its own (ValueError).
+    """
+    path = Path(spec)
+    if _is_checkpoint(spec):
+        if weights is not None:
+            raise ValueError(
+                f"weights: {spec} is a genxai checkpoint with its own weights; --weights is for "
+                "torchvision models by name"
+            )
+        if not path.exists():
+            raise FileNotFoundError(f"model: no checkpoint at {spec}")
         return load_classifier(path)
-    if any(sep in str(spec) for sep in ("/", "\\")) or path.suffix:
-        raise FileNotFoundError(f"model: no checkpoint at {spec}")
-    return load_torchvision(str(spec), weights, classes=classes)
+    model = load_torchvision(str(spec), weights, classes=classes)
+    note = random_weights_note(spec, weights)
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return model
+
+
+def input_size(model: nn.Module, default: int = 224) -> int:
+    """The image side a model was made for: a genxai checkpoint's ``config.image_size``, else
+    ``default`` (torchvision's ImageNet models: 224)."""
+    size = getattr(getattr(model, "config", None), "image_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else default

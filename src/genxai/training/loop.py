@@ -266,7 +266,8 @@ class Loop:
         """Train up to iteration ``until`` (default: the end of the run) and checkpoint.
 
         Returns a summary: ``status`` ("finished", "stopped" at ``until``, or "interrupted" by a
-        signal), ``iteration``, the units (``step.units``), ``checkpoint``, ``train_time_s``, ``evals``.
+        signal), ``signal`` (its name, "SIGTERM" or "SIGINT", when interrupted; else None),
+        ``iteration``, the units (``step.units``), ``checkpoint``, ``train_time_s``, ``evals``.
         """
         step, cfg = self.step, self.config
         end = self.total_iterations if until is None else min(until, self.total_iterations)
@@ -310,8 +311,10 @@ class Loop:
             bar.close()
             logger.close()
             self._restore_signal_handlers(handlers)
+        interrupted_by = signal.Signals(self._signal).name if status == "interrupted" else None
         return {
             "status": status,
+            "signal": interrupted_by,
             "iteration": self.iteration,
             step.units: self.units,
             "checkpoint": str(saved_at) if saved_at else None,
@@ -403,10 +406,13 @@ class Loop:
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        flag = self._signal is not None
+        """Whether any process got a signal; every process then records it (the largest number)."""
+        number = float(self._signal or 0)
         if self.world > 1:
-            flag = bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.device), "max") > 0)
-        return flag
+            number = float(self.accelerator.reduce(torch.tensor(number, device=self.device), "max"))
+        if number:
+            self._signal = int(number)
+        return number > 0
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:
