@@ -18,7 +18,7 @@ TIERS: tuple[tuple[str, ...], ...] = (
     ("config", "targets"),  # targets: the public alias of core.targets
     ("data", "models", "training"),
     ("attribution", "evaluation"),
-    ("diffusion", "dissection", "explainers"),
+    ("diffusion", "dissection", "explainers", "gan"),
     ("report", "jobs"),
     ("cli",),
     ("__main__",),  # genxai/__main__.py, if any: the only importer of genxai.cli besides cli itself

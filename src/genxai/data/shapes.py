@@ -105,6 +105,38 @@ def generate_shapes(
     Returns images (n, 3, size, size) float32 in [0, 1], labels (n,) int64 (the index into
     ``shapes``) and masks (n, 1, size, size) bool. ``chunk`` images are drawn at a time.
     """
+    images, labels, masks, _ = _generate(n, size, seed, start, shapes, device, chunk)
+    return images, labels, masks
+
+
+def generate_shapes_with_attributes(
+    n: int,
+    size: int = 32,
+    seed: int = 0,
+    *,
+    start: int = 0,
+    shapes: Sequence[str] = SHAPES,
+    device: torch.device | str | None = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`generate_shapes` plus each image's drawn attributes (the same images, bit for bit).
+
+    The fourth item maps ``"texture"`` to (n,) int64 indices into :data:`TEXTURES` (how the object
+    is filled) and ``"background"`` to (n,) int64 indices into :data:`BACKGROUNDS`: ground truth
+    for per-pixel texture labels (a segmenter's targets), with the mask giving the object pixels.
+    """
+    return _generate(n, size, seed, start, shapes, device, chunk)
+
+
+def _generate(
+    n: int,
+    size: int,
+    seed: int,
+    start: int,
+    shapes: Sequence[str],
+    device: torch.device | str | None,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     check_positive_int(n, "n")
     check_positive_int(size, "size", minimum=8)
     check_positive_int(chunk, "chunk")
@@ -118,7 +150,8 @@ def generate_shapes(
         _render(torch.arange(first, min(first + chunk, start + n), device=device), size, seed, shapes)
         for first in range(start, start + n, chunk)
     ]
-    return tuple(torch.cat(items) for items in zip(*parts))  # type: ignore[return-value]
+    images, labels, masks, textures, backgrounds = (torch.cat(items) for items in zip(*parts))
+    return images, labels, masks, {"texture": textures, "background": backgrounds}
 
 
 def _fill(out: torch.Tensor, group: torch.Tensor, makers: Sequence[Callable | None]) -> torch.Tensor:
@@ -132,7 +165,8 @@ def _fill(out: torch.Tensor, group: torch.Tensor, makers: Sequence[Callable | No
 
 def _render(
     index: torch.Tensor, size: int, seed: int, shapes: tuple[str, ...]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, labels, masks, texture indices and background kinds of the images ``index``."""
     rand = _Randoms(seed, index)
     n, device = index.shape[0], index.device
     labels = index % len(shapes)
@@ -190,7 +224,7 @@ def _render(
     foreground = fg[:, :, None, None] + 0.3 * pattern[:, None] * away
 
     images = torch.where(mask[:, None], foreground, background).clamp(0.0, 1.0)
-    return images, labels, mask[:, None]
+    return images, labels, mask[:, None], texture, kind
 
 
 class ShapesDataset(Dataset):
@@ -203,6 +237,8 @@ class ShapesDataset(Dataset):
         shapes: the classes, by name (label = position in this tuple).
         cache: generate all images once up front (fast to index; ``n * 3 * size^2`` floats), or
             generate each item when asked (same images; for large sizes or counts).
+        attributes: items gain a fourth entry, ``{"texture": int, "background": int}`` (indices
+            into :data:`TEXTURES` and :data:`BACKGROUNDS`), e.g. for per-pixel texture labels.
     """
 
     def __init__(
@@ -214,6 +250,7 @@ class ShapesDataset(Dataset):
         train: bool = True,
         shapes: Sequence[str] = SHAPES,
         cache: bool = True,
+        attributes: bool = False,
     ) -> None:
         self.n = check_positive_int(n, "n")
         self.size = check_positive_int(size, "size", minimum=8)
@@ -221,20 +258,34 @@ class ShapesDataset(Dataset):
             raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         self.seed = 2 * seed + (0 if train else 1)
         self.classes = list(shapes)
-        self._data = generate_shapes(n, size, self.seed, shapes=self.classes) if cache else None
+        self.attributes = attributes
+        self._data = _generate(n, size, self.seed, 0, self.classes, None, 256) if cache else None
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
+        """``(image, label, mask)``, plus the attributes dict when ``attributes=True``."""
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} images")
         index %= self.n
         if self._data is not None:
-            images, labels, masks = self._data
-            return images[index], int(labels[index]), masks[index]
-        image, label, mask = generate_shapes(1, self.size, self.seed, start=index, shapes=self.classes)
-        return image[0], int(label[0]), mask[0]
+            images, labels, masks, attrs = self._data
+            row = index
+        else:
+            images, labels, masks, attrs = _generate(1, self.size, self.seed, index, self.classes, None, 1)
+            row = 0
+        item = (images[row], int(labels[row]), masks[row])
+        if self.attributes:
+            return (*item, {key: int(value[row]) for key, value in attrs.items()})
+        return item
 
 
-__all__ = ["BACKGROUNDS", "SHAPES", "TEXTURES", "ShapesDataset", "generate_shapes"]
+__all__ = [
+    "BACKGROUNDS",
+    "SHAPES",
+    "TEXTURES",
+    "ShapesDataset",
+    "generate_shapes",
+    "generate_shapes_with_attributes",
+]

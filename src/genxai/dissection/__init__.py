@@ -1,0 +1,45 @@
+"""GAN Dissection: which units of a generator's layer draw which concepts (Bau et al., 2019).
+
+Works on any generator (a module mapping latents to images) and any segmenter with ``concepts``
+and ``concept_masks(images)``; a small segmenter for the bundled shapes data is included.
+
+    seg = load_segmenter("runs/seg")                                  # genxai train-segmenter
+    result = dissect(generator, "blocks.2", seg, num_samples=1000)    # IQR thresholds, IoU per unit
+    result.concept_counts, result.interpretable
+    tiles = gallery(generator, "blocks.2", result, result.interpretable[:8])
+"""
+
+from genxai.dissection.dissect import LATENT_BLOCK, Dissection, SeededLatents, dissect, gallery
+from genxai.dissection.segmenter import (
+    Segmenter,
+    SegmenterConfig,
+    SegmenterStep,
+    ShapesSegmenter,
+    evaluate_segmenter,
+    load_segmenter,
+    shapes_concept_masks,
+    shapes_concepts,
+    train_segmenter,
+)
+from genxai.dissection.statistics import ConceptHistogram, RunningRange, RunningTopK, default_levels
+
+__all__ = [
+    "LATENT_BLOCK",
+    "ConceptHistogram",
+    "Dissection",
+    "RunningRange",
+    "RunningTopK",
+    "SeededLatents",
+    "Segmenter",
+    "SegmenterConfig",
+    "SegmenterStep",
+    "ShapesSegmenter",
+    "default_levels",
+    "dissect",
+    "evaluate_segmenter",
+    "gallery",
+    "load_segmenter",
+    "shapes_concept_masks",
+    "shapes_concepts",
+    "train_segmenter",
+]
