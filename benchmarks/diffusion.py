@@ -253,11 +253,15 @@ def guided_cases(args: argparse.Namespace, device: torch.device, out_dir: str) -
     for precision in args.precision:
         base = make_trainer(args, "baseline", precision, out_dir, device)
         x0 = torch.rand(args.batch, 3, args.size, args.size, device=base.device) * 2 - 1
-        cases.append(Case("Process1 (plain DDPM step)", partial(base.step.process, x0), precision, "baseline"))
+        cases.append(
+            Case("Process1 (plain DDPM step)", partial(base.step.process, x0), precision, "baseline")
+        )
         for variant in args.variants:
             tr = make_trainer(args, variant, precision, out_dir, device)
             if tr.cfg.attention_maps != "none":  # its UNet differs from the baseline's
-                cases.append(Case("Process1 (all-ones map)", partial(tr.step.process, x0), precision, variant))
+                cases.append(
+                    Case("Process1 (all-ones map)", partial(tr.step.process, x0), precision, variant)
+                )
             cases += [
                 Case("phase A: Process1 + D update", phase_a(tr, x0), precision, variant),
                 Case("saliency + noise weight", saliency_only(tr, x0), precision, variant, processes=0),
