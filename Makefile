@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test test-long lint bench clean venv
 
 venv: $(STAMP)
 
@@ -22,7 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/genxai demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not long" tests
+
+test-long: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m long tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

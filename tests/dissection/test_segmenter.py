@@ -136,7 +136,7 @@ def test_load_errors(tmp_path):
         load_segmenter(tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_full_size_segmenter_reaches_a_good_miou(tmp_path):
     """The defaults of `genxai train-segmenter` (about 8 minutes on 2 CPU cores; measured mIoU 0.944)."""
     summary = train_segmenter(tmp_path, SegmenterConfig(), cpu=True, progress=False)

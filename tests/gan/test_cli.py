@@ -71,3 +71,15 @@ def test_user_errors_are_one_line(tmp_path):
     assert "--n" in error(["sample-gan", "--run", str(tmp_path), "--n", "0"])
     assert "--batch-size" in error(["sample-gan", "--run", str(tmp_path), "--batch-size", "0"])
     assert "--device" in error(["sample-gan", "--run", str(tmp_path), "--device", "tpu"])
+
+
+def test_a_nan_loss_exits_with_code_1(tmp_path, monkeypatch):
+    from genxai.gan import trainer
+
+    def diverge(self, until=None):
+        raise trainer.NonFiniteLossError("training stopped: the loss became NaN or infinite at iteration 3")
+
+    monkeypatch.setattr(trainer.GANTrainer, "fit", diverge)
+    args = ["train-gan", "--config", "gan-shapes", *TINY, "data.limit=64", f"out_dir={tmp_path}"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 1 and out.output.strip().startswith("error: training stopped"), out.output

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -262,3 +268,42 @@ def test_a_short_run_brings_samples_closer_to_the_data(tmp_path):
     assert name == "FID (offline shapes-classifier features)"
     trained = trainer.fit()["evals"][-1]["metrics"]
     assert trained[name] < 0.5 * untrained[name], (untrained, trained)
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from genxai.gan import GANTrainer, load_gan_config
+    trainer = GANTrainer(load_gan_config("gan-shapes", sys.argv[2:]))
+    summary = trainer.fit()
+    g = next(trainer.g.parameters()).detach().flatten()[:4].tolist()
+    d = next(trainer.discriminator.parameters()).detach().flatten()[:4].tolist()
+    result = {"rank": trainer.rank, "world": trainer.world, "g": g, "d": d, **summary}
+    Path(sys.argv[1], f"result-{trainer.rank}.json").write_text(json.dumps(result))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate_launch(tmp_path):
+    """Under DDP (two gloo processes on the CPU, each its own data and latents) G and D stay the
+    same everywhere: both gradients are averaged, R1's double backward and the frozen D included."""
+    script = tmp_path / "train.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    overrides = [*TINY, f"out_dir={tmp_path}", "name=ddp", "train.iterations=4", "train.cpu=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, str(script), str(tmp_path), *overrides], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result-*.json"))]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
+    assert results[0]["g"] == results[1]["g"] and results[0]["d"] == results[1]["d"]
+    assert all(r["g_steps"] == 4 for r in results)

@@ -84,6 +84,8 @@ def sample_gan(
         check_positive_int(seed, "--seed", minimum=0)
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device: {device} is not available on this machine; use cpu or auto")
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         path = find_checkpoint(run, checkpoint)
         generator = load_generator(run, use_ema=ema, device=dev, checkpoint_path=path)

@@ -7,9 +7,25 @@ and ``concept_masks(images)``; a small segmenter for the bundled shapes data is 
     result = dissect(generator, "blocks.2", seg, num_samples=1000)    # IQR thresholds, IoU per unit
     result.concept_counts, result.interpretable
     tiles = gallery(generator, "blocks.2", result, result.interpretable[:8])
+
+Interventions on units (ablate, insert, average causal effect, the alpha search) live in
+:mod:`.interventions`; generative boundaries and regions (E-GBAS) in :mod:`.boundaries`.
 """
 
+from genxai.dissection.boundaries import BoundarySet, RegionSamples, sample_region, smallest_boundary_set
 from genxai.dissection.dissect import LATENT_BLOCK, Dissection, SeededLatents, dissect, gallery
+from genxai.dissection.interventions import (
+    AlphaResult,
+    Intervention,
+    UnitRanking,
+    ablate,
+    average_causal_effect,
+    concept_measure,
+    insert,
+    optimize_alpha,
+    rank_units_by_ace,
+    unit_means,
+)
 from genxai.dissection.segmenter import (
     Segmenter,
     SegmenterConfig,
@@ -25,8 +41,12 @@ from genxai.dissection.statistics import ConceptHistogram, RunningRange, Running
 
 __all__ = [
     "LATENT_BLOCK",
+    "AlphaResult",
+    "BoundarySet",
     "ConceptHistogram",
     "Dissection",
+    "Intervention",
+    "RegionSamples",
     "RunningRange",
     "RunningTopK",
     "SeededLatents",
@@ -34,12 +54,22 @@ __all__ = [
     "SegmenterConfig",
     "SegmenterStep",
     "ShapesSegmenter",
+    "UnitRanking",
+    "ablate",
+    "average_causal_effect",
+    "concept_measure",
     "default_levels",
     "dissect",
     "evaluate_segmenter",
     "gallery",
+    "insert",
     "load_segmenter",
+    "optimize_alpha",
+    "rank_units_by_ace",
+    "sample_region",
     "shapes_concept_masks",
     "shapes_concepts",
+    "smallest_boundary_set",
     "train_segmenter",
+    "unit_means",
 ]

@@ -290,21 +290,20 @@ def dissect(
     levels = check_levels(levels)
     total = 2 * math.ceil(num_samples / batch_size)
     bar = _progress(total, progress, f"dissect {setup.layer}")
-    with setup.running() as run:
+    with bar, setup.running() as run:
         ranges = topk = None
-        for start, images, acts in run(num_samples, batch_size, bar):
+        for start, images, acts in run(num_samples, batch_size, bar):  # pass 1: ranges, top samples
             if ranges is None:  # the first batch: check everything before the long work
-                masks = check_concept_masks(segmenter.concept_masks(images), images, concepts)
+                check_concept_masks(segmenter.concept_masks(images), images, concepts)
                 ranges = RunningRange(acts.shape[1], device=setup.device)
                 topk = RunningTopK(acts.shape[1], min(top_k, num_samples), device=setup.device)
                 shapes = (list(images.shape[-2:]), list(acts.shape[-2:]))
             ranges.update(acts)
             topk.update(acts.amax((2, 3)), torch.arange(start, start + len(acts), device=setup.device))
         hist = ConceptHistogram(ranges.minimum, ranges.maximum, len(concepts), bins=bins)
-        for _, images, acts in run(num_samples, batch_size, bar):
+        for _, images, acts in run(num_samples, batch_size, bar):  # pass 2: the same samples again
             masks = check_concept_masks(segmenter.concept_masks(images), images, concepts)
             hist.update(acts, masks.to(setup.device))
-    bar.close()
     best = hist.best_thresholds(levels)
     iou, iqr = best["iou"], best["iqr"]
     qualified = torch.where(iqr > iqr_bar, iou, iou - 2)  # concepts passing the IQR bar rank first
