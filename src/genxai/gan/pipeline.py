@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genxai.core.checks import check_positive_int
-from genxai.evaluation.fid import FID, reference_statistics, select_features
+from genxai.evaluation.fid import FID
+from genxai.evaluation.fid import reference_fid as fid_reference
 from genxai.gan.config import GANConfig, load_gan_config
 from genxai.gan.models import LATENT_CHUNK, Discriminator, Generator
 from genxai.training import checkpoint
@@ -157,20 +158,14 @@ def reference_fid(
     real_images: int | None = None,
     batch_size: int | None = None,
 ) -> FID:
-    """The FID metric of ``cfg.eval.features`` holding the statistics of the first ``real_images``
-    of ``dataset`` (default ``eval.real_images``, 0 = all); add generated images and compute."""
-    e = cfg.eval
-    extractor = select_features(
-        e.features,
-        inception=e.inception,
-        classifier=e.classifier,
-        dataset=dataset,
+    """The run's FID reference (``cfg.eval``): :func:`genxai.evaluation.fid.reference_fid`."""
+    return fid_reference(
+        cfg.eval,
+        dataset,
         dataset_name=cfg.data.name,
-        cache_dir=cache_dir,
         seed=cfg.seed,
         device=device,
-    )
-    limit = e.real_images if real_images is None else real_images
-    return reference_statistics(
-        extractor, dataset, count=limit, batch_size=batch_size or e.batch_size, device=device
+        cache_dir=cache_dir,
+        real_images=real_images,
+        batch_size=batch_size,
     )
