@@ -322,9 +322,9 @@ def fid(
     """
     from genxai.core.checks import check_choice, check_positive_int
     from genxai.diffusion.config import build_dataset
-    from genxai.diffusion.pipeline import load_run, reference_fid, sample_run
+    from genxai.diffusion.pipeline import load_run, sample_run
     from genxai.diffusion.sampling import SAMPLERS
-    from genxai.evaluation.fid import FEATURE_KINDS
+    from genxai.evaluation.fid import FEATURE_KINDS, reference_fid
 
     _check_choices(features=(features, FEATURE_KINDS), sampler=(sampler, SAMPLERS), device=(device, DEVICES))
     dev = _device(device)

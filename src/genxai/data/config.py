@@ -53,3 +53,22 @@ def build_dataset(data: DataConfig, seed: int, train: bool = True) -> Dataset:
     if data.limit is not None:
         dataset = Subset(dataset, range(min(data.limit, len(dataset))))
     return dataset
+
+
+def check_images_match(data: DataConfig, dataset: Dataset) -> tuple[int, int, int]:
+    """The data set's image shape (C, H, W), checked against ``data`` (size, channels); sets
+    ``data.channels`` from the data when the config leaves it open."""
+    from genxai.data.batches import image_of
+
+    first = image_of(dataset[0])
+    size = data.image_size
+    if first.ndim != 3 or tuple(first.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"data: expected images of {size}x{size} (data.image_size), got shape {tuple(first.shape)}"
+        )
+    if data.channels is not None and first.shape[0] != data.channels:
+        raise ValueError(
+            f"data.channels: the data has {first.shape[0]} channels, the config says {data.channels}"
+        )
+    data.channels = int(first.shape[0])
+    return tuple(first.shape)

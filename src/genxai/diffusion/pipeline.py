@@ -1,9 +1,9 @@
-"""A trained run as a pipeline: load it, sample it the way it was trained, measure its FID.
+"""A trained run as a pipeline: load it and sample it the way it was trained.
 
     run = load_run("runs/demo/diffusion/noise+hierarchical", device="cuda")
     for images in sample_run(run.cfg, run.unet, run.schedule, run.discriminator, num_images=64):
         ...                                           # (B, C, H, W) in [0, 1]
-    fid = reference_fid(run.cfg, build_dataset(run.cfg), "cuda", cache_dir="runs/demo")
+    fid = genxai.evaluation.fid.reference_fid(run.cfg, build_dataset(run.cfg), "cuda", "runs/demo")
 
 Training (snapshots and evaluations), ``genxai sample``, ``genxai fid`` and the jobs all sample
 through :func:`sample_run`, so a run's sampler, its steps and its saliency-conditioned attention
@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from genxai.diffusion.config import (
     ExperimentConfig,
@@ -39,8 +38,6 @@ from genxai.diffusion.sampling import (
 )
 from genxai.diffusion.schedule import NoiseSchedule
 from genxai.diffusion.unet import UNet
-from genxai.evaluation.fid import FID
-from genxai.evaluation.fid import reference_fid as fid_reference
 from genxai.training import checkpoint
 
 
@@ -189,26 +186,4 @@ def sample_run(
         device=device,
         guidance=guidance,
         progress=progress,
-    )
-
-
-def reference_fid(
-    cfg: ExperimentConfig,
-    dataset: Dataset,
-    device: str | torch.device,
-    cache_dir: str | Path,
-    *,
-    real_images: int | None = None,
-    batch_size: int | None = None,
-) -> FID:
-    """The run's FID reference (``cfg.eval``): :func:`genxai.evaluation.fid.reference_fid`."""
-    return fid_reference(
-        cfg.eval,
-        dataset,
-        dataset_name=cfg.data.name,
-        seed=cfg.seed,
-        device=device,
-        cache_dir=cache_dir,
-        real_images=real_images,
-        batch_size=batch_size,
     )

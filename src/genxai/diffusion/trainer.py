@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from torchvision.utils import save_image
 
 from genxai.data.batches import image_of
+from genxai.data.config import check_images_match
 from genxai.diffusion.config import (
     ExperimentConfig,
     build_dataset,
@@ -49,8 +50,8 @@ from genxai.diffusion.config import (
 from genxai.diffusion.cycle import CycleSchedule
 from genxai.diffusion.discriminator import d_loss
 from genxai.diffusion.guidance import anneal_weight, noise_weight, saliency
-from genxai.diffusion.pipeline import reference_fid, sample_run
-from genxai.evaluation.fid import FID
+from genxai.diffusion.pipeline import sample_run
+from genxai.evaluation.fid import FID, reference_fid
 from genxai.training import EMA, Event, Loop, LoopConfig, NonFiniteLossError, TrainStep
 
 PHASE_LABELS = {"P": "Process1", "A": "Process1+D", "B": "Process1+Process2"}
@@ -117,18 +118,7 @@ class GuidedDiffusionStep(TrainStep):
     def build(self, loop: Loop) -> None:
         cfg, tr = self.cfg, self.cfg.train
         self.loop = loop
-        first = image_of(loop.dataset[0])
-        size = cfg.data.image_size
-        if first.ndim != 3 or tuple(first.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"data: expected images of {size}x{size} (data.image_size), got shape {tuple(first.shape)}"
-            )
-        if cfg.data.channels is not None and first.shape[0] != cfg.data.channels:
-            raise ValueError(
-                f"data.channels: the data has {first.shape[0]} channels, the config says {cfg.data.channels}"
-            )
-        cfg.data.channels = int(first.shape[0])
-        self.image_shape = tuple(first.shape)
+        self.image_shape = check_images_match(cfg.data, loop.dataset)
 
         unet = build_unet(cfg, cfg.data.channels)
         self.ema = EMA(unet, tr.ema_decay, warmup=tr.ema_warmup)

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -322,26 +323,27 @@ def validate_eval(e: EvalConfig) -> None:
 
 
 def reference_fid(
-    e: EvalConfig,
+    cfg: Any,
     dataset: Dataset,
-    *,
-    dataset_name: str,
-    seed: int,
     device: str | torch.device,
     cache_dir: str | Path,
+    *,
     real_images: int | None = None,
     batch_size: int | None = None,
 ) -> FID:
-    """The FID of ``e.features`` holding the statistics of the first ``real_images`` images of
-    ``dataset`` (default ``e.real_images``, 0 = all): training and ``genxai fid`` both start here."""
+    """The FID reference of a training config (any with ``eval`` (:class:`EvalConfig`),
+    ``data.name`` and ``seed``): features of ``eval.features`` and the statistics of the first
+    ``real_images`` images of ``dataset`` (default ``eval.real_images``, 0 = all). Training and
+    ``genxai fid`` both start here; add generated images and compute."""
+    e = cfg.eval
     extractor = select_features(
         e.features,
         inception=e.inception,
         classifier=e.classifier,
         dataset=dataset,
-        dataset_name=dataset_name,
+        dataset_name=cfg.data.name,
         cache_dir=cache_dir,
-        seed=seed,
+        seed=cfg.seed,
         device=device,
     )
     limit = e.real_images if real_images is None else real_images

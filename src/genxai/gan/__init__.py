@@ -11,7 +11,6 @@ from genxai.gan.pipeline import (
     load_discriminator,
     load_gan_run,
     load_generator,
-    reference_fid,
     sample,
 )
 from genxai.gan.trainer import GANStep, GANTrainer
@@ -35,6 +34,5 @@ __all__ = [
     "load_gan_config",
     "load_gan_run",
     "load_generator",
-    "reference_fid",
     "sample",
 ]

@@ -20,11 +20,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from genxai.core.checks import check_positive_int
-from genxai.evaluation.fid import FID
-from genxai.evaluation.fid import reference_fid as fid_reference
 from genxai.gan.config import GANConfig, load_gan_config
 from genxai.gan.models import LATENT_CHUNK, Discriminator, Generator
 from genxai.training import checkpoint
@@ -147,25 +144,3 @@ def sample(
         finally:
             generator.train(was_training)
         yield ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def reference_fid(
-    cfg: GANConfig,
-    dataset: Dataset,
-    device: str | torch.device,
-    cache_dir: str | Path,
-    *,
-    real_images: int | None = None,
-    batch_size: int | None = None,
-) -> FID:
-    """The run's FID reference (``cfg.eval``): :func:`genxai.evaluation.fid.reference_fid`."""
-    return fid_reference(
-        cfg.eval,
-        dataset,
-        dataset_name=cfg.data.name,
-        seed=cfg.seed,
-        device=device,
-        cache_dir=cache_dir,
-        real_images=real_images,
-        batch_size=batch_size,
-    )

@@ -28,12 +28,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.utils import save_image
 
-from genxai.data.batches import image_of
-from genxai.evaluation.fid import FID
+from genxai.data.config import check_images_match
+from genxai.evaluation.fid import FID, reference_fid
 from genxai.gan.config import GANConfig, build_dataset, build_discriminator, build_generator
 from genxai.gan.losses import discriminator_loss, generator_loss
 from genxai.gan.models import Generator
-from genxai.gan.pipeline import DISCRIMINATOR, GENERATOR, reference_fid, sample
+from genxai.gan.pipeline import DISCRIMINATOR, GENERATOR, sample
 from genxai.training import EMA, Event, Loop, LoopConfig, NonFiniteLossError, TrainStep
 
 __all__ = ["GANStep", "GANTrainer", "NonFiniteLossError"]
@@ -93,17 +93,7 @@ class GANStep(TrainStep):
     def build(self, loop: Loop) -> None:
         cfg, tr = self.cfg, self.cfg.train
         self.loop = loop
-        first = image_of(loop.dataset[0])
-        size = cfg.data.image_size
-        if first.ndim != 3 or tuple(first.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"data: expected images of {size}x{size} (data.image_size), got shape {tuple(first.shape)}"
-            )
-        if cfg.data.channels is not None and first.shape[0] != cfg.data.channels:
-            raise ValueError(
-                f"data.channels: the data has {first.shape[0]} channels, the config says {cfg.data.channels}"
-            )
-        cfg.data.channels = int(first.shape[0])
+        check_images_match(cfg.data, loop.dataset)
         g = build_generator(cfg, cfg.data.channels)
         d = build_discriminator(cfg, cfg.data.channels)
         betas = (float(tr.betas[0]), float(tr.betas[1]))
