@@ -53,6 +53,7 @@ from genxai.diffusion.guidance import anneal_weight, noise_weight, saliency
 from genxai.diffusion.pipeline import sample_run
 from genxai.evaluation.fid import FID, reference_fid
 from genxai.training import EMA, Event, Loop, LoopConfig, NonFiniteLossError, TrainStep
+from genxai.training.step import BOOKKEEPING
 
 PHASE_LABELS = {"P": "Process1", "A": "Process1+D", "B": "Process1+Process2"}
 
@@ -65,22 +66,7 @@ class GuidedDiffusionStep(TrainStep):
     unit = "Process"
     units = "processes"
     columns = ("cycle", "phase", "loss_p1", "loss_p2", "loss_d")
-    # Settings a resumed run may change: where things are, how often it reports, how it samples.
-    resume_ignores = (
-        "name",
-        "out_dir",
-        "data.root",
-        "data.num_workers",
-        "train.cpu",
-        "train.progress",
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.sample_every",
-        "train.eval_every",
-        "sample",
-        "eval",
-    )
+    resume_ignores = BOOKKEEPING
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = self.config = copy.deepcopy(cfg)

@@ -35,6 +35,7 @@ from genxai.gan.losses import discriminator_loss, generator_loss
 from genxai.gan.models import Generator
 from genxai.gan.pipeline import DISCRIMINATOR, GENERATOR, sample
 from genxai.training import EMA, Event, Loop, LoopConfig, NonFiniteLossError, TrainStep
+from genxai.training.step import BOOKKEEPING
 
 __all__ = ["GANStep", "GANTrainer", "NonFiniteLossError"]
 
@@ -61,22 +62,7 @@ class GANStep(TrainStep):
     columns = ("loss_d", "loss_g", "r1", "d_real", "d_fake")
     # Settings a resumed run may change: where things are, how often it reports, how long it runs
     # (nothing in training depends on the total), how it samples and evaluates.
-    resume_ignores = (
-        "name",
-        "out_dir",
-        "data.root",
-        "data.num_workers",
-        "train.iterations",
-        "train.cpu",
-        "train.progress",
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.sample_every",
-        "train.eval_every",
-        "sample",
-        "eval",
-    )
+    resume_ignores = (*BOOKKEEPING, "train.iterations")
 
     def __init__(self, cfg: GANConfig) -> None:
         self.cfg = self.config = copy.deepcopy(cfg)

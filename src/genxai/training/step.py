@@ -9,6 +9,24 @@ from typing import TYPE_CHECKING, Any
 
 from genxai.data.batches import collate_images
 
+# Settings of genxai's training configs that a resumed run may change: where things are, how often
+# it reports, how it samples and evaluates (a step's ``resume_ignores`` starts from these).
+BOOKKEEPING = (
+    "name",
+    "out_dir",
+    "data.root",
+    "data.num_workers",
+    "train.cpu",
+    "train.progress",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_every",
+    "train.eval_every",
+    "sample",
+    "eval",
+)
+
 if TYPE_CHECKING:
     from genxai.training.loop import Loop
 
