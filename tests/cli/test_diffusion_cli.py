@@ -232,3 +232,19 @@ def test_an_interrupted_train_exits_with_the_signal_and_a_rerun_resumes(tmp_path
     assert out.stderr.startswith(f"resuming from Process {done} (")
     summary = _json(out.stdout)
     assert summary["status"] == "finished" and summary["signal"] is None and summary["processes"] == 6
+
+
+def test_an_interrupted_ablation_exits_with_the_signal(tmp_path, monkeypatch):
+    from genxai.diffusion import ablation
+    from genxai.diffusion.trainer import Trainer
+
+    class Interrupted(Trainer):
+        def fit(self, until=None):
+            self.request_stop()  # as if SIGTERM arrived during the first run
+            return super().fit(until)
+
+    monkeypatch.setattr(ablation, "Trainer", Interrupted)
+    args = ["ablate", "--config", DEMO, *TINY, f"out_dir={tmp_path}", "name=abl", "eval.num_samples=8"]
+    out = runner.invoke(app, [*args, "--variants", "baseline,noise", "--no-min-snr"])
+    assert out.exit_code == 143, out.output
+    assert "interrupted (SIGTERM)" in out.output and "rerun the same command to resume" in out.output

@@ -416,10 +416,19 @@ def ablate(
         raise fail(err) from None
     finally:
         end_process_group()
-    if results["interrupted"]:
-        typer.echo("interrupted: the current run saved a checkpoint; run the same command to resume")
+    code = (
+        _exit_code({"status": "interrupted", "signal": results.get("signal")})
+        if results["interrupted"]
+        else 0
+    )
+    if code:
+        typer.echo(
+            f"interrupted ({results.get('signal') or 'SIGTERM'}): the current run saved a checkpoint; "
+            "rerun the same command to resume",
+            err=True,
+        )
         if "runs" not in results:
-            return
+            raise typer.Exit(code=code)
     name = results["fid_name"]
     typer.echo(f"{'run':<22} {'Processes':>9} {'Processes/s':>11}  {name}")
     for label, r in results["runs"].items():
@@ -431,3 +440,5 @@ def ablate(
     root = out or cfg.run_dir
     typer.echo(f"results: {root / 'results.json'}")
     typer.echo(f"report: {write_ablation_report(root)}")
+    if code:
+        raise typer.Exit(code=code)

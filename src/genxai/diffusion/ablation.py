@@ -93,7 +93,7 @@ def run_ablation(
     """Train every run (resuming unfinished ones), then write the results table.
 
     A run stopped by SIGTERM/SIGINT ends the ablation (its checkpoint is saved): the results then
-    cover the finished runs and say ``"interrupted": true``; calling again resumes.
+    cover the finished runs and say ``"interrupted": true`` with the ``"signal"``; calling again resumes.
     """
     if cfg.eval.num_samples <= 0:
         raise ValueError("eval.num_samples: the ablation compares FID; set eval.num_samples > 0")
@@ -103,9 +103,13 @@ def run_ablation(
     save_experiment(cfg, root / "ablation.yaml")
     dataset = dataset if dataset is not None else build_dataset(cfg)
     for run in runs.values():
-        if not is_finished(run) and Trainer(run, dataset=dataset).fit()["status"] == "interrupted":
+        if is_finished(run):
+            continue
+        summary = Trainer(run, dataset=dataset).fit()
+        if summary["status"] == "interrupted":
             finished = {label: r for label, r in runs.items() if is_finished(r)}
-            return {**(write_results(root, finished) if finished else {}), "interrupted": True}
+            partial = write_results(root, finished) if finished else {}
+            return {**partial, "interrupted": True, "signal": summary.get("signal")}
     return write_results(root, runs)
 
 
