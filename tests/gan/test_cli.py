@@ -83,3 +83,22 @@ def test_a_nan_loss_exits_with_code_1(tmp_path, monkeypatch):
     args = ["train-gan", "--config", "gan-shapes", *TINY, "data.limit=64", f"out_dir={tmp_path}"]
     out = runner.invoke(app, args)
     assert out.exit_code == 1 and out.output.strip().startswith("error: training stopped"), out.output
+
+
+def test_an_interrupted_run_exits_with_the_signal_and_resumes(tmp_path, monkeypatch):
+    """train-gan shares train's reporting: 143 on SIGTERM with how to resume, then a resumed run says so."""
+    from genxai.gan import trainer
+
+    class Interrupted(trainer.GANTrainer):
+        def fit(self, until=None):
+            self.request_stop()  # as if SIGTERM arrived before the first iteration
+            return super().fit(until)
+
+    args = ["train-gan", "--config", "gan-shapes", *TINY, "data.limit=64", f"out_dir={tmp_path}", "name=r"]
+    monkeypatch.setattr(trainer, "GANTrainer", Interrupted)
+    out = runner.invoke(app, [*args, "train.iterations=4"])
+    assert out.exit_code == 143, out.output
+    assert "interrupted at G step 0 (SIGTERM" in out.output and "rerun the same command" in out.output
+    monkeypatch.undo()
+    out = runner.invoke(app, [*args, "train.iterations=4"])
+    assert out.exit_code == 0 and "resuming from G step 0" in out.output

@@ -1,9 +1,10 @@
 """The typer application object; command modules attach their commands to it."""
 
+import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -62,3 +63,50 @@ def end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+"""Errors a command reports as one ``error:`` line (bad input, missing files), exit code 2."""
+
+
+def exit_code(summary: dict) -> int:
+    """0 when training ended normally; 128 + the signal's number when a signal interrupted it."""
+    import signal
+
+    if summary["status"] != "interrupted":
+        return 0
+    return 128 + int(signal.Signals[summary.get("signal") or "SIGTERM"])
+
+
+def train_command(make_trainer: Callable[[], Any]) -> None:
+    """Build a training loop, fit it and report, the same way for every ``genxai train*`` command.
+
+    Says when it resumes (stderr); prints the summary as one JSON line; a NaN loss exits 1, bad
+    input one ``error:`` line and 2, an interrupting signal 128 + its number with how to resume.
+    """
+    from genxai.training import NonFiniteLossError
+
+    try:
+        trainer = make_trainer()
+        unit = trainer.step.unit
+        if trainer.resumed_from is not None and trainer.is_main:
+            typer.echo(f"resuming from {unit} {trainer.units} ({trainer.resumed_from})", err=True)
+        summary = trainer.fit()
+    except NonFiniteLossError as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1) from None
+    except USER_ERRORS as err:
+        raise fail(err) from None
+    finally:
+        end_process_group()
+    code = exit_code(summary)
+    if trainer.is_main:
+        typer.echo(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
+        if code:
+            typer.echo(
+                f"interrupted at {unit} {trainer.units} ({summary['signal']}, saved "
+                f"{summary['checkpoint']}); rerun the same command to resume",
+                err=True,
+            )
+    if code:
+        raise typer.Exit(code=code)

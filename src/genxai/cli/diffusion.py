@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from genxai.cli.app import app, end_process_group, fail
+from genxai.cli.app import USER_ERRORS, app, end_process_group, exit_code, fail, train_command
 
 Overrides = Annotated[
     list[str] | None,
@@ -57,19 +57,6 @@ def _check_choices(**options: tuple[str | None, tuple[str, ...]]) -> None:
         raise fail(err) from None
 
 
-def _exit_code(summary: dict) -> int:
-    """0 when training ended normally; 128 + the signal's number when a signal interrupted it."""
-    import signal
-
-    if summary["status"] != "interrupted":
-        return 0
-    name = summary.get("signal") or "SIGTERM"
-    return 128 + int(signal.Signals[name])
-
-
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
-
-
 @app.command()
 def train(config: ConfigOption, overrides: Overrides = None) -> None:
     """Train one variant of an experiment config (resumes the run folder's newest checkpoint).
@@ -78,31 +65,9 @@ def train(config: ConfigOption, overrides: Overrides = None) -> None:
     143 or 130; run the same command again to continue.
     """
     from genxai.diffusion.config import load_experiment
-    from genxai.diffusion.trainer import NonFiniteLossError, Trainer
+    from genxai.diffusion.trainer import Trainer
 
-    try:
-        trainer = Trainer(load_experiment(config, overrides or []))
-        if trainer.resumed_from is not None and trainer.is_main:
-            typer.echo(f"resuming from Process {trainer.processes} ({trainer.resumed_from})", err=True)
-        summary = trainer.fit()
-    except NonFiniteLossError as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=1) from None
-    except USER_ERRORS as err:
-        raise fail(err) from None
-    finally:
-        end_process_group()
-    code = _exit_code(summary)
-    if trainer.is_main:
-        typer.echo(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
-        if code:
-            typer.echo(
-                f"interrupted at Process {summary['processes']} ({summary['signal']}, saved "
-                f"{summary['checkpoint']}); rerun the same command to resume",
-                err=True,
-            )
-    if code:
-        raise typer.Exit(code=code)
+    train_command(lambda: Trainer(load_experiment(config, overrides or [])))
 
 
 def _check_sampling(
@@ -417,9 +382,7 @@ def ablate(
     finally:
         end_process_group()
     code = (
-        _exit_code({"status": "interrupted", "signal": results.get("signal")})
-        if results["interrupted"]
-        else 0
+        exit_code({"status": "interrupted", "signal": results.get("signal")}) if results["interrupted"] else 0
     )
     if code:
         typer.echo(

@@ -15,10 +15,9 @@ from typing import Annotated
 
 import typer
 
-from genxai.cli.app import app, end_process_group, fail
+from genxai.cli.app import USER_ERRORS, app, end_process_group, fail
 
 DEVICES = ("auto", "cpu", "cuda")
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 

@@ -15,9 +15,7 @@ from typing import Annotated
 
 import typer
 
-from genxai.cli.app import app, end_process_group, fail
-
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+from genxai.cli.app import USER_ERRORS, app, fail, train_command
 
 
 @app.command("train-gan")
@@ -32,26 +30,13 @@ def train_gan(
 ) -> None:
     """Train a DCGAN (resumes the run folder's newest checkpoint).
 
-    The run folder is out_dir/name. SIGTERM or Ctrl-C saves a checkpoint and stops; run the same
-    command again to continue (or with a larger train.iterations to train longer).
+    The run folder is out_dir/name. SIGTERM or Ctrl-C saves a checkpoint and stops with exit code
+    143 or 130; run the same command again to continue (or with a larger train.iterations to train longer).
     """
     from genxai.gan.config import load_gan_config
-    from genxai.gan.trainer import GANTrainer, NonFiniteLossError
+    from genxai.gan.trainer import GANTrainer
 
-    try:
-        trainer = GANTrainer(load_gan_config(config, overrides or []))
-        summary = trainer.fit()
-    except NonFiniteLossError as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=1) from None
-    except USER_ERRORS as err:
-        raise fail(err) from None
-    finally:
-        end_process_group()
-    if trainer.is_main:
-        if summary["status"] == "interrupted":
-            typer.echo(f"interrupted: saved {summary['checkpoint']}; run the same command to resume")
-        typer.echo(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
+    train_command(lambda: GANTrainer(load_gan_config(config, overrides or [])))
 
 
 @app.command("sample-gan")

@@ -311,18 +311,7 @@ class Trainer(Loop):
 
     def __init__(self, cfg: ExperimentConfig, *, dataset: Dataset | None = None, resume: bool = True):
         step = GuidedDiffusionStep(cfg)
-        tr = cfg.train
-        config = LoopConfig(
-            run_dir=cfg.run_dir,
-            seed=cfg.seed,
-            batch_size=tr.batch_size,
-            log_every=tr.log_every,
-            checkpoint_every=tr.checkpoint_every,
-            keep_checkpoints=tr.keep_checkpoints,
-            num_workers=cfg.data.num_workers,
-            cpu=tr.cpu,
-            progress=tr.progress,
-        )
+        config = LoopConfig.from_config(cfg)
         super().__init__(step, config, dataset if dataset is not None else build_dataset(cfg), resume=resume)
 
     @property

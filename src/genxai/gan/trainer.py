@@ -175,18 +175,7 @@ class GANTrainer(Loop):
     def __init__(self, cfg: GANConfig, *, dataset: Dataset | None = None, resume: bool = True):
         if not isinstance(cfg, GANConfig):
             raise TypeError(f"cfg: expected a GANConfig, got {type(cfg).__name__}")
-        tr = cfg.train
-        config = LoopConfig(
-            run_dir=cfg.run_dir,
-            seed=cfg.seed,
-            batch_size=tr.batch_size,
-            log_every=tr.log_every,
-            checkpoint_every=tr.checkpoint_every,
-            keep_checkpoints=tr.keep_checkpoints,
-            num_workers=cfg.data.num_workers,
-            cpu=tr.cpu,
-            progress=tr.progress,
-        )
+        config = LoopConfig.from_config(cfg)
         data = dataset if dataset is not None else build_dataset(cfg)
         super().__init__(GANStep(cfg), config, data, resume=resume)
 

@@ -67,6 +67,23 @@ class LoopConfig:
     cpu: bool = False  # the CPU even where an accelerator is present
     progress: bool = True
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> LoopConfig:
+        """The loop settings of a genxai training config (``run_dir``, ``seed``, ``data.num_workers``
+        and ``train.{batch_size, log_every, checkpoint_every, keep_checkpoints, cpu, progress}``)."""
+        tr = cfg.train
+        return cls(
+            run_dir=cfg.run_dir,
+            seed=cfg.seed,
+            batch_size=tr.batch_size,
+            log_every=tr.log_every,
+            checkpoint_every=tr.checkpoint_every,
+            keep_checkpoints=tr.keep_checkpoints,
+            num_workers=cfg.data.num_workers,
+            cpu=tr.cpu,
+            progress=tr.progress,
+        )
+
     def __post_init__(self) -> None:
         check_positive_int(self.batch_size, "batch_size")
         check_positive_int(self.log_every, "log_every")
