@@ -326,10 +326,6 @@ class Trainer(Loop):
     def discriminator(self) -> nn.Module | None:
         return self.step.discriminator
 
-    @property
-    def processes(self) -> int:
-        return self.units
-
     def snapshot(self) -> None:
         """Sample grid and saliency snapshot now (main process)."""
         self.on_main(self.step.snapshot)
