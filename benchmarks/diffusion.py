@@ -3,6 +3,8 @@
     python benchmarks/diffusion.py                        # CPU: 16 px, base 32, batch 16
     python benchmarks/diffusion.py --device cuda          # GPU: DDPM's CIFAR-10 UNet (35.7M), batch 128
     python benchmarks/diffusion.py --precision fp32,bf16 --repeats 10 --parts unet
+    python benchmarks/diffusion.py --parts diffusers --threads 1   # guided vs plain step on a diffusers UNet
+    python benchmarks/diffusion.py --quick                # smoke run of every case (seconds)
 
 1. UNet training step (forward, eps loss, backward, Adam step) of our UNet against diffusers'
    UNet2DModel configured as DDPM: the same widths, 2 ResNet blocks per level, single-head
@@ -16,6 +18,13 @@
    Processes). "x Process1" is the cost per Process (for the saliency row: per call) over the plain
    step's; peak memory is compared the same way. Targets (GPU): at most 1.10x per Process, 1.15x
    peak memory.
+3. The same steps fine-tuning a diffusers UNet2DModel (table 1's twin, saved to a folder and
+   trained with ``model.diffusers=DIR``): the saliency maps enter its ResNet blocks through the
+   core's hooks; the "Process1 (all-ones map)" row over the plain diffusers Process1 is the cost of
+   the hooks (target: at most 1.10x, on the CPU and on a GPU).
+
+``--quick`` is a smoke run (8 px, tiny widths, one round, no memory): it checks that every case
+runs, and its numbers mean nothing.
 
 Every case is warmed up once; then ``--repeats`` rounds run all cases in turn (so a change in the
 machine's load during the run hits every case alike) and each case reports its median. On a CPU shared with other jobs, ``--threads 1`` avoids
@@ -190,9 +199,15 @@ def print_unet(cases: list[Case], params: tuple[int, int]) -> list[dict]:
 
 # -- 2. the cost of XAI guidance per Process, with the Trainer's own steps ---------------------------
 def make_trainer(
-    args: argparse.Namespace, variant: str, precision: str, out_dir: str, device: torch.device
+    args: argparse.Namespace,
+    variant: str,
+    precision: str,
+    out_dir: str,
+    device: torch.device,
+    extra: Sequence[str] = (),
 ) -> Trainer:
-    """A Trainer of ``variant`` at the benchmark's sizes, on random data (nothing is written)."""
+    """A Trainer of ``variant`` at the benchmark's sizes, on random data (nothing is written);
+    ``extra``: more overrides (``model.diffusers=DIR``: fine-tune that diffusers UNet instead)."""
     overrides = [
         f"variant={variant}",
         f"out_dir={out_dir}",
@@ -210,6 +225,7 @@ def make_trainer(
         f"train.cpu={str(device.type == 'cpu').lower()}",
         "train.progress=false",
         "eval.num_samples=0",
+        *extra,
     ]
     if precision == "bf16":  # the default is "no" (which the override syntax would read as false)
         overrides.append("train.mixed_precision=bf16")
@@ -247,17 +263,19 @@ def saliency_only(trainer: Trainer, x0: torch.Tensor) -> Callable[[], None]:
     return lambda: trainer.step.saliency_and_weight(x0_hat, t)
 
 
-def guided_cases(args: argparse.Namespace, device: torch.device, out_dir: str) -> list[Case]:
+def guided_cases(
+    args: argparse.Namespace, device: torch.device, out_dir: str, extra: Sequence[str] = ()
+) -> list[Case]:
     """Per precision: the baseline's Process1 (the reference), then each guided variant's steps."""
     cases = []
     for precision in args.precision:
-        base = make_trainer(args, "baseline", precision, out_dir, device)
+        base = make_trainer(args, "baseline", precision, out_dir, device, extra)
         x0 = torch.rand(args.batch, 3, args.size, args.size, device=base.device) * 2 - 1
         cases.append(
             Case("Process1 (plain DDPM step)", partial(base.step.process, x0), precision, "baseline")
         )
         for variant in args.variants:
-            tr = make_trainer(args, variant, precision, out_dir, device)
+            tr = make_trainer(args, variant, precision, out_dir, device, extra)
             if tr.cfg.attention_maps != "none":  # its UNet differs from the baseline's
                 cases.append(
                     Case("Process1 (all-ones map)", partial(tr.step.process, x0), precision, variant)
@@ -270,9 +288,10 @@ def guided_cases(args: argparse.Namespace, device: torch.device, out_dir: str) -
     return cases
 
 
-def print_guided(cases: list[Case], args: argparse.Namespace) -> list[dict]:
+def print_guided(cases: list[Case], args: argparse.Namespace, title: str | None = None) -> list[dict]:
     print(
-        "\n## 2. Cost of XAI guidance per Process (GuidedDiffusionStep.process / discriminator_step / saliency_and_weight)"
+        title
+        or "\n## 2. Cost of XAI guidance per Process (GuidedDiffusionStep.process / discriminator_step / saliency_and_weight)"
     )
     print(
         f"D base {args.d_base}; 'x Process1' = time per Process (saliency row: per call) over the "
@@ -325,10 +344,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10 GPU, 5 CPU)")
     parser.add_argument("--precision", default=None, help="fp32,bf16 (default both on GPU, fp32 on CPU)")
     parser.add_argument("--variants", default=",".join(GUIDED_VARIANTS), help="guided variants of table 2")
-    parser.add_argument("--parts", default="unet,guided", help="which tables: unet, guided")
+    parser.add_argument(
+        "--parts", default="unet,guided,diffusers", help="which tables: unet, guided, diffusers"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 8 px, mults 1,2, batch 4, 1 round, no memory (numbers mean nothing)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.base, args.mults, args.batch = 8, 32, "1,2", 4
+        args.d_base, args.repeats, args.memory = 8, 1, False
     gpu = args.device.startswith("cuda")
     args.size = args.size or (32 if gpu else 16)
     args.base = args.base or (128 if gpu else 32)
@@ -344,8 +373,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--precision: expected fp32 and/or bf16, got {bad}")
     if bad := [v for v in args.variants if v not in GUIDED_VARIANTS]:
         parser.error(f"--variants: expected some of {GUIDED_VARIANTS}, got {bad}")
-    if bad := args.parts - {"unet", "guided"}:
-        parser.error(f"--parts: expected unet and/or guided, got {sorted(bad)}")
+    if bad := args.parts - {"unet", "guided", "diffusers"}:
+        parser.error(f"--parts: expected some of unet, guided, diffusers, got {sorted(bad)}")
     if any(args.base * m % NORM_GROUPS for m in args.mults):
         parser.error(f"--base: base x each multiplier must be divisible by {NORM_GROUPS} norm groups")
     if args.size % 2 ** (len(args.mults) - 1):
@@ -380,18 +409,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     with tempfile.TemporaryDirectory() as out_dir:
         unet, params = unet_cases(args, device) if "unet" in args.parts else ([], (0, 0))
         guided = guided_cases(args, device, out_dir) if "guided" in args.parts else []
-        for cases in (unet, guided):  # every timing before any memory measurement
+        hooked = []
+        if "diffusers" in args.parts:  # the same steps fine-tuning a diffusers UNet2DModel folder
+            folder = f"{out_dir}/unet2d"
+            diffusers_twin(unet_config(args)).save_pretrained(folder)
+            hooked = guided_cases(args, device, out_dir, extra=[f"model.diffusers={folder}"])
+        for cases in (unet, guided, hooked):  # every timing before any memory measurement
             if cases:
                 time_side_by_side(cases, device, args.repeats)
         if args.memory:
             if device.type == "cpu":
                 exact_cpu_accounting()
-            for case in unet + guided:
+            for case in unet + guided + hooked:
                 case.peak_mib = peak_memory_mib(case.fn, device)
     if unet:
         results["unet"] = print_unet(unet, params)
     if guided:
         results["guided"] = print_guided(guided, args)
+    if hooked:
+        title = (
+            "\n## 3. The same on a diffusers UNet2DModel (model.diffusers=DIR): saliency maps enter through "
+            "core hooks (genxai.diffusion.hooked); 'x Process1' over the plain diffusers step"
+        )
+        results["diffusers"] = print_guided(hooked, args, title)
     return results
 
 

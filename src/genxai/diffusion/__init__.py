@@ -1,4 +1,5 @@
-"""XAI-guided diffusion: noise schedule, UNet, discriminator, saliency-shaped noise, samplers, the cycle."""
+"""XAI-guided diffusion: noise schedule, UNet, discriminator, saliency-shaped noise, samplers, the cycle;
+diffusers models in (``from_diffusers``) and runs out (``export_run``)."""
 
 from genxai.diffusion.ablation import run_ablation
 from genxai.diffusion.config import ExperimentConfig, load_experiment
@@ -11,6 +12,8 @@ from genxai.diffusion.guidance import (
     noise_weight,
     saliency,
 )
+from genxai.diffusion.hooked import DiffusersUNet
+from genxai.diffusion.interop import Imported, export_run, from_diffusers
 from genxai.diffusion.pipeline import LoadedRun, load_run, sample_run
 from genxai.diffusion.sampling import SaliencyConditioned, ddim_sample, ddpm_sample
 from genxai.diffusion.schedule import NoiseSchedule
@@ -19,10 +22,12 @@ from genxai.diffusion.unet import UNet
 
 __all__ = [
     "CycleSchedule",
+    "DiffusersUNet",
     "Discriminator",
     "DiscriminatorGuidance",
     "ExperimentConfig",
     "GuidedDiffusionStep",
+    "Imported",
     "LoadedRun",
     "NoiseSchedule",
     "Position",
@@ -34,6 +39,8 @@ __all__ = [
     "ddim_sample",
     "ddpm_sample",
     "discriminator_guidance",
+    "export_run",
+    "from_diffusers",
     "load_experiment",
     "load_run",
     "noise_weight",

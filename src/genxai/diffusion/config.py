@@ -30,6 +30,7 @@ from genxai.diffusion.unet import TIME_EMBEDDINGS, UNet
 from genxai.evaluation.fid import EvalConfig, validate_eval
 
 VARIANTS = ("baseline", "noise", "noise+same", "noise+hierarchical")
+ABLATION_BASELINES = ("min_snr", "p2")  # loss weightings of the baseline an ablation can add
 VARIANT_MAPS = {  # which UNet attention maps (unet.ATTENTION_MAPS) each variant trains
     "baseline": "none",
     "noise": "none",
@@ -58,6 +59,11 @@ class ModelConfig:
     attention_resolutions: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.1
     time_embedding: str = "sinusoidal"  # sinusoidal | fourier (learned) | random_fourier
+    downsample_padding: int = 1  # 1 symmetric; 0 right/bottom only (TF SAME, the DDPM conversions)
+    norm_eps: float = 1e-5  # GroupNorm eps (the DDPM conversions: 1e-6)
+    # A local diffusers UNet2DModel / DDPMPipeline folder to fine-tune instead of building a UNet:
+    # the architecture (and the keys above) then come from its config.json.
+    diffusers: str | None = None
 
 
 @dataclass
@@ -152,6 +158,26 @@ class SampleConfig:
 
 
 @dataclass
+class AblationConfig:
+    """``genxai ablate``: which runs, over how many paired seeds (seed, seed + 1, ...).
+
+    Every variant trains once per seed; a seed gives all variants the same initial weights, data
+    order and evaluation noise, so their differences are paired. ``baselines`` adds the free
+    loss weightings (min_snr, p2); ``dg`` adds the Discriminator Guidance sampler on the baseline
+    (a time-aware D trained on the finished baseline's samples, then used at sampling time).
+    """
+
+    seeds: int = 1
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    baselines: list[str] = field(default_factory=lambda: ["min_snr"])
+    dg: bool = False
+    dg_weight: float = 1.0
+    dg_iterations: int = 500
+    dg_fakes: int = 1024
+    measure_costs: bool = True  # time each label's Process side by side after training (equal cost)
+
+
+@dataclass
 class ExperimentConfig:
     """One training run: variant, data, networks, cycle, optimisation, sampling and evaluation."""
 
@@ -168,6 +194,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -229,8 +256,14 @@ def validate(cfg: ExperimentConfig) -> None:
     _int_list(m.attention_resolutions, "model.attention_resolutions", empty=True)
     check_in_range(m.dropout, "model.dropout", 0.0, 1.0)
     check_choice(m.time_embedding, "model.time_embedding", TIME_EMBEDDINGS)
+    check_choice(m.downsample_padding, "model.downsample_padding", (0, 1))
+    check_in_range(m.norm_eps, "model.norm_eps", 0.0, 1.0, closed=False)
+    if m.diffusers is not None and (not isinstance(m.diffusers, str) or not m.diffusers.strip()):
+        raise ValueError(
+            f"model.diffusers: expected the path of a diffusers model folder, got {m.diffusers!r}"
+        )
     factor = 2 ** (len(m.channel_mults) - 1)
-    if d.image_size % factor:
+    if m.diffusers is None and d.image_size % factor:
         raise ValueError(
             f"data.image_size: {d.image_size} is not divisible by {factor}, the UNet's downsampling over "
             f"{len(m.channel_mults)} levels (model.channel_mults)"
@@ -295,6 +328,20 @@ def validate(cfg: ExperimentConfig) -> None:
 
     validate_eval(cfg.eval)
 
+    a = cfg.ablation
+    check_positive_int(a.seeds, "ablation.seeds")
+    for v in a.variants:
+        check_choice(v, "ablation.variants[]", VARIANTS)
+    for b in a.baselines:
+        check_choice(b, "ablation.baselines[]", ABLATION_BASELINES)
+    if not a.variants and not a.baselines:
+        raise ValueError("ablation: nothing to run (ablation.variants and ablation.baselines are empty)")
+    if a.dg and "baseline" not in a.variants:
+        raise ValueError("ablation.dg: the Discriminator Guidance sampler runs on the baseline; add it to ablation.variants")
+    check_in_range(a.dg_weight, "ablation.dg_weight", 0.0, float("inf"))
+    check_positive_int(a.dg_iterations, "ablation.dg_iterations")
+    check_positive_int(a.dg_fakes, "ablation.dg_fakes", minimum=2)
+
 
 # -- builders ---------------------------------------------------------------------------------------
 def build_dataset(cfg: ExperimentConfig, train: bool = True) -> Dataset:
@@ -316,6 +363,8 @@ def build_unet(cfg: ExperimentConfig, channels: int) -> UNet:
         time_embedding=m.time_embedding,
         attention_maps=cfg.attention_maps,
         num_timesteps=cfg.schedule.num_timesteps,
+        downsample_padding=m.downsample_padding,
+        norm_eps=m.norm_eps,
     )
 
 

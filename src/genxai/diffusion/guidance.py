@@ -39,21 +39,38 @@ class _TimeBatchMismatch(Exception):
 
 
 class TimeConditioned(nn.Module):
-    """A time-aware discriminator with its timesteps bound: ``forward(x) = d(x, t)``.
+    """Any ``model(x, t)`` with its timesteps bound: ``forward(x) = model(x, t)``.
 
-    Attribution methods call one-input models; this wrapper adds nothing to ``d`` and holds no
-    state beyond ``t`` (N,) (a single timestep serves any batch size).
+    Attribution methods call one-input models; this wrapper adds nothing to the model and holds no
+    state beyond ``t`` (a (N,) tensor or an int; a single timestep serves any batch size). The
+    model is a time-aware discriminator, our UNet, or a denoiser of another library: a diffusers
+    ``UNet2DModel`` returns an output object, whose ``.sample`` (the predicted noise) is returned::
+
+        eps_at_500 = TimeConditioned(unet2d, 500)                      # x_t -> eps, t = 500
+        maps = get("saliency")(eps_at_500)(x_t, target=lambda eps: eps[:, :, 8:16, 8:16].sum((1, 2, 3)))
+
+    Its blocks keep their names under ``discriminator.`` (e.g. ``discriminator.mid_block``), the
+    attribute the wrapped model is stored as.
     """
 
-    def __init__(self, discriminator: nn.Module, t: torch.Tensor) -> None:
+    def __init__(self, discriminator: nn.Module, t: torch.Tensor | int) -> None:
         super().__init__()
         self.discriminator = discriminator
-        self.t = t
+        self.t = as_timesteps(t, 1) if not isinstance(t, torch.Tensor) or t.ndim == 0 else t
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model (any ``model(x, t)``; stored as ``discriminator``)."""
+        return self.discriminator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.t.shape[0] not in (1, x.shape[0]):
-            raise _TimeBatchMismatch
-        return self.discriminator(x, as_timesteps(self.t, x.shape[0], x.device))
+            raise _TimeBatchMismatch(
+                f"t: {self.t.shape[0]} timesteps are bound but the model got {x.shape[0]} inputs; bind "
+                "one timestep for methods that evaluate copies of the input in batches of their own"
+            )
+        out = self.discriminator(x, as_timesteps(self.t, x.shape[0], x.device))
+        return getattr(out, "sample", out)  # diffusers' UNet2DOutput -> its tensor
 
 
 def _is_time_aware(discriminator: nn.Module) -> bool:

@@ -13,9 +13,9 @@ maps (``guidance.sample_saliency_every``) are the same everywhere, and FID durin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from genxai.diffusion.config import (
     load_experiment,
 )
 from genxai.diffusion.discriminator import Discriminator
+from genxai.diffusion.hooked import DiffusersUNet
 from genxai.diffusion.sampling import (
     SAMPLERS,
     GuidanceFn,
@@ -42,10 +43,14 @@ from genxai.training import checkpoint
 
 
 class LoadedRun(NamedTuple):
-    """A trained run ready to sample: its config, UNet (EMA weights by default), D and schedule."""
+    """A trained run ready to sample: its config, UNet (EMA weights by default), D and schedule.
+
+    ``unet``: our :class:`UNet`, or for a run that fine-tuned a diffusers model
+    (``model.diffusers``) the hooked :class:`~genxai.diffusion.hooked.DiffusersUNet`.
+    """
 
     cfg: ExperimentConfig
-    unet: UNet
+    unet: UNet | DiffusersUNet
     discriminator: Discriminator | None
     schedule: NoiseSchedule
     checkpoint: Path | None
@@ -79,10 +84,16 @@ def load_run(
         raise FileNotFoundError(f"run: no checkpoint in {run_dir / 'checkpoints'}")
     channels = cfg.data.channels or 3
     if path is None:
-        unet = build_unet(cfg, channels)
+        if cfg.model.diffusers:
+            from genxai.diffusion.interop import diffusers_unet
+
+            unet = diffusers_unet(cfg, channels)
+        else:
+            unet = build_unet(cfg, channels)
         disc = build_discriminator(cfg, channels) if cfg.guided else None
     else:
-        unet = checkpoint.load_module(path, "unet_ema" if use_ema else "unet", UNet)
+        cls = DiffusersUNet if cfg.model.diffusers else UNet
+        unet = checkpoint.load_module(path, "unet_ema" if use_ema else "unet", cls)
         disc = checkpoint.load_module(path, "discriminator", Discriminator) if cfg.guided else None
     unet = unet.to(device).eval().requires_grad_(False)
     disc = disc.to(device).eval().requires_grad_(False) if disc is not None else None
@@ -133,8 +144,15 @@ def generate(
     device: torch.device | str = "cpu",
     guidance: GuidanceFn | None = None,
     progress: bool = False,
+    variance: str = "fixed_large",
+    clip_denoised: bool = True,
+    spacing: str = "uniform",
 ) -> Iterator[torch.Tensor]:
-    """Images in [0, 1], ``batch_size`` at a time (never all held at once), from a seeded generator."""
+    """Images in [0, 1], ``batch_size`` at a time (never all held at once), from a seeded generator.
+
+    ``variance`` (DDPM), ``clip_denoised`` and ``spacing`` (DDIM): as the samplers; an imported
+    diffusers model passes its scheduler's (:attr:`genxai.diffusion.interop.Imported.sampler_options`).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     device = torch.device(device)
@@ -143,11 +161,17 @@ def generate(
         shape = (min(batch_size, num_images - start), *image_shape)
         if hasattr(model_fn, "reset"):  # a saliency-conditioned model_fn starts each batch afresh
             model_fn.reset()
-        common = {"generator": generator, "device": device, "guidance": guidance, "progress": progress}
+        common = {
+            "generator": generator,
+            "device": device,
+            "guidance": guidance,
+            "progress": progress,
+            "clip_denoised": clip_denoised,
+        }
         if sampler == "ddpm":
-            x = ddpm_sample(model_fn, schedule, shape, **common)
+            x = ddpm_sample(model_fn, schedule, shape, variance=variance, **common)
         else:
-            x = ddim_sample(model_fn, schedule, shape, steps=steps, eta=eta, **common)
+            x = ddim_sample(model_fn, schedule, shape, steps=steps, eta=eta, spacing=spacing, **common)
         yield ((x.float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
 
 
@@ -166,9 +190,11 @@ def sample_run(
     saliency_every: int | None = None,
     guidance: GuidanceFn | None = None,
     progress: bool = False,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Images of a run in [0, 1], batch by batch, with its sampling settings (``cfg.sample``)
-    unless given; ``guidance``: a sampler hook such as Discriminator Guidance."""
+    unless given; ``guidance``: a sampler hook such as Discriminator Guidance;
+    ``sampler_options``: ``variance``/``clip_denoised``/``spacing`` of :func:`generate`."""
     s = cfg.sample
     model_fn = model_fn_for(cfg, unet, schedule, discriminator, saliency_every=saliency_every)
     shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
@@ -186,4 +212,5 @@ def sample_run(
         device=device,
         guidance=guidance,
         progress=progress,
+        **(sampler_options or {}),
     )

@@ -50,6 +50,7 @@ from genxai.diffusion.config import (
 from genxai.diffusion.cycle import CycleSchedule
 from genxai.diffusion.discriminator import d_loss
 from genxai.diffusion.guidance import anneal_weight, noise_weight, saliency
+from genxai.diffusion.interop import diffusers_unet
 from genxai.diffusion.pipeline import sample_run
 from genxai.evaluation.fid import FID, reference_fid
 from genxai.training import EMA, Event, Loop, LoopConfig, NonFiniteLossError, TrainStep
@@ -74,6 +75,9 @@ class GuidedDiffusionStep(TrainStep):
         self.cycle = CycleSchedule(cfg.cycle.phase_a, cfg.cycle.phase_b, cfg.cycle.cycles)
         self.discriminator: nn.Module | None = None
         self._fid: FID | None = None
+        # Runs saved before these model keys existed lack them: at their defaults they resume.
+        m, new = cfg.model, {"downsample_padding": 1, "norm_eps": 1e-5, "diffusers": None}
+        self.resume_ignores = BOOKKEEPING + tuple(f"model.{k}" for k, v in new.items() if getattr(m, k) == v)
 
     # -- the plan --------------------------------------------------------------------------------
     @property
@@ -106,7 +110,10 @@ class GuidedDiffusionStep(TrainStep):
         self.loop = loop
         self.image_shape = check_images_match(cfg.data, loop.dataset)
 
-        unet = build_unet(cfg, cfg.data.channels)
+        if cfg.model.diffusers:  # fine-tune a diffusers UNet2DModel, the maps hooked into its blocks
+            unet = diffusers_unet(cfg, cfg.data.channels)
+        else:
+            unet = build_unet(cfg, cfg.data.channels)
         self.ema = EMA(unet, tr.ema_decay, warmup=tr.ema_warmup)
         optimizer = torch.optim.Adam(unet.parameters(), lr=tr.lr)
         self.unet = loop.add_model(

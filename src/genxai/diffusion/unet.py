@@ -84,12 +84,20 @@ class FourierEmbedding(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + (1x1) skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_dim: int, dropout: float, groups: int):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_dim: int,
+        dropout: float,
+        groups: int,
+        eps: float = 1e-5,
+    ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(in_channels, groups), in_channels)
+        self.norm1 = nn.GroupNorm(_groups(in_channels, groups), in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_channels)
-        self.norm2 = nn.GroupNorm(_groups(out_channels, groups), out_channels)
+        self.norm2 = nn.GroupNorm(_groups(out_channels, groups), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -105,12 +113,12 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Residual self-attention over the H*W positions (DDPM: one head), via scaled_dot_product_attention."""
 
-    def __init__(self, channels: int, heads: int, groups: int) -> None:
+    def __init__(self, channels: int, heads: int, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"attention_heads: {heads} does not divide {channels} channels")
         self.heads = heads
-        self.norm = nn.GroupNorm(_groups(channels, groups), channels)
+        self.norm = nn.GroupNorm(_groups(channels, groups), channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = _zero(nn.Linear(channels, channels))
 
@@ -124,11 +132,17 @@ class SelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    """A stride-2 3x3 conv. ``padding=1``: symmetric; ``padding=0``: one row/column of zeros on the
+    right and bottom only (TF's "SAME" for even sizes), as the DDPM paper's original TF code."""
+
+    def __init__(self, channels: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.pad_right = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -177,6 +191,38 @@ class MapPyramid(nn.Module):
         return out
 
 
+def attention_pyramid(
+    saliency: torch.Tensor | None, x: torch.Tensor, levels: int, map_pyramid: MapPyramid | None = None
+) -> list[torch.Tensor]:
+    """The maps ``A_l`` of ``levels`` levels (each (N or 1, 1, h_l, w_l)) from a saliency map: mean 1
+    per image, area-averaged per halving, plus the learned corrections of ``map_pyramid`` (if any).
+    Shared by our UNet and the hooked diffusers UNet (:mod:`genxai.diffusion.interop`)."""
+    if saliency is None:
+        if map_pyramid is None:
+            return [x.new_ones(())] * levels
+        saliency = x.new_ones(1, 1, *x.shape[-2:])
+    if not isinstance(saliency, torch.Tensor) or saliency.ndim != 4 or saliency.shape[1] != 1:
+        got = tuple(saliency.shape) if isinstance(saliency, torch.Tensor) else type(saliency).__name__
+        raise ValueError(f"saliency: expected a (N, 1, H, W) map or None, got {got}")
+    if saliency.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"saliency: expected {x.shape[0]} maps (or 1), got {saliency.shape[0]}")
+    a = saliency.to(x.dtype)
+    if a.shape[-2:] != x.shape[-2:]:
+        a = F.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    mean = a.mean(dim=(2, 3), keepdim=True)
+    a = torch.where(mean > 0, a / mean.clamp_min(torch.finfo(a.dtype).tiny), torch.ones_like(a))
+    maps = [a]
+    for _ in range(levels - 1):
+        maps.append(F.avg_pool2d(maps[-1], 2))
+    return map_pyramid(maps) if map_pyramid is not None else maps
+
+
+def inject(h: torch.Tensor, gate: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``h * (1 + gate * A)`` for a (C,) gate and a level's map: exactly ``h`` while the gate is 0."""
+    # Cast the factor, not h: under bf16 autocast an fp32 product would keep fp32 copies for backward.
+    return h * (1 + gate.view(1, -1, 1, 1) * a).to(h.dtype)
+
+
 class UNet(nn.Module):
     """DDPM's noise-prediction network ``eps_theta(x_t, t)``, optionally conditioned on a saliency map.
 
@@ -195,6 +241,9 @@ class UNet(nn.Module):
         num_timesteps: T, to scale t for the Fourier embeddings.
         fourier_dim: size of the Fourier features.
         map_channels: width of the hierarchical variant's map encoder.
+        downsample_padding: 1 pads the stride-2 convs symmetrically; 0 pads right/bottom only, as
+            the DDPM paper's TF code and its diffusers conversions (``downsample_padding=0``).
+        norm_eps: eps of every GroupNorm (the DDPM conversions: 1e-6).
     """
 
     def __init__(
@@ -214,6 +263,8 @@ class UNet(nn.Module):
         num_timesteps: int = 1000,
         fourier_dim: int = 16,
         map_channels: int = 16,
+        downsample_padding: int = 1,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         check_positive_int(image_size, "image_size")
@@ -223,6 +274,9 @@ class UNet(nn.Module):
         check_in_range(dropout, "dropout", 0.0, 1.0)
         check_choice(time_embedding, "time_embedding", TIME_EMBEDDINGS)
         check_choice(attention_maps, "attention_maps", ATTENTION_MAPS)
+        if downsample_padding not in (0, 1) or isinstance(downsample_padding, bool):
+            raise ValueError(f"downsample_padding: expected 0 or 1, got {downsample_padding!r}")
+        check_in_range(norm_eps, "norm_eps", 0.0, 1.0, closed=False)
         channel_mults = tuple(channel_mults)
         if not channel_mults or any(
             isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mults
@@ -248,6 +302,8 @@ class UNet(nn.Module):
             "num_timesteps": num_timesteps,
             "fourier_dim": fourier_dim,
             "map_channels": map_channels,
+            "downsample_padding": downsample_padding,
+            "norm_eps": norm_eps,
         }
         self.image_size = image_size
         self.attention_maps = attention_maps
@@ -268,7 +324,7 @@ class UNet(nn.Module):
 
         def attention(channels: int, resolution: int) -> nn.Module:
             if resolution in attention_resolutions:
-                return SelfAttention(channels, attention_heads, norm_groups)
+                return SelfAttention(channels, attention_heads, norm_groups, norm_eps)
             return nn.Identity()
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -278,20 +334,22 @@ class UNet(nn.Module):
             res = self.levels[level]
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, out, temb_dim, dropout, norm_groups))
+                blocks.append(ResBlock(ch, out, temb_dim, dropout, norm_groups, norm_eps))
                 attns.append(attention(out, res))
                 ch = out
                 skips.append(ch)
             last = level == len(channel_mults) - 1
-            self.down.append(Level(blocks, attns, nn.Identity() if last else Downsample(ch)))
+            self.down.append(
+                Level(blocks, attns, nn.Identity() if last else Downsample(ch, downsample_padding))
+            )
             if not last:
                 skips.append(ch)
         self.mid = Level(
             [
-                ResBlock(ch, ch, temb_dim, dropout, norm_groups),
-                ResBlock(ch, ch, temb_dim, dropout, norm_groups),
+                ResBlock(ch, ch, temb_dim, dropout, norm_groups, norm_eps),
+                ResBlock(ch, ch, temb_dim, dropout, norm_groups, norm_eps),
             ],
-            [SelfAttention(ch, attention_heads, norm_groups), nn.Identity()],
+            [SelfAttention(ch, attention_heads, norm_groups, norm_eps), nn.Identity()],
             nn.Identity(),
         )
         self.up = nn.ModuleList()
@@ -299,11 +357,11 @@ class UNet(nn.Module):
             out, res = self.level_channels[level], self.levels[level]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skips.pop(), out, temb_dim, dropout, norm_groups))
+                blocks.append(ResBlock(ch + skips.pop(), out, temb_dim, dropout, norm_groups, norm_eps))
                 attns.append(attention(out, res))
                 ch = out
             self.up.append(Level(blocks, attns, Upsample(ch) if level else nn.Identity()))
-        self.norm_out = nn.GroupNorm(_groups(ch, norm_groups), ch)
+        self.norm_out = nn.GroupNorm(_groups(ch, norm_groups), ch, eps=norm_eps)
         self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
         if attention_maps != "none":
@@ -353,30 +411,10 @@ class UNet(nn.Module):
 
     def attention_pyramid(self, saliency: torch.Tensor | None, x: torch.Tensor) -> list[torch.Tensor]:
         """The maps ``A_l`` of every level (each (N or 1, 1, h_l, w_l)), from the saliency map."""
-        if saliency is None:
-            if self.map_pyramid is None:
-                return [x.new_ones(())] * len(self.levels)
-            saliency = x.new_ones(1, 1, *x.shape[-2:])
-        if not isinstance(saliency, torch.Tensor) or saliency.ndim != 4 or saliency.shape[1] != 1:
-            got = tuple(saliency.shape) if isinstance(saliency, torch.Tensor) else type(saliency).__name__
-            raise ValueError(f"saliency: expected a (N, 1, H, W) map or None, got {got}")
-        if saliency.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"saliency: expected {x.shape[0]} maps (or 1), got {saliency.shape[0]}")
-        a = saliency.to(x.dtype)
-        if a.shape[-2:] != x.shape[-2:]:
-            a = F.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        mean = a.mean(dim=(2, 3), keepdim=True)
-        a = torch.where(mean > 0, a / mean.clamp_min(torch.finfo(a.dtype).tiny), torch.ones_like(a))
-        maps = [a]
-        for _ in self.levels[1:]:
-            maps.append(F.avg_pool2d(maps[-1], 2))
-        return self.map_pyramid(maps) if self.map_pyramid is not None else maps
+        return attention_pyramid(saliency, x, len(self.levels), self.map_pyramid)
 
     def _inject(self, h: torch.Tensor, maps: list[torch.Tensor] | None, level: int) -> torch.Tensor:
-        if maps is None:
-            return h
-        # Cast the factor, not h: under bf16 autocast an fp32 product would keep fp32 copies for backward.
-        return h * (1 + self.gates[level].view(1, -1, 1, 1) * maps[level]).to(h.dtype)
+        return h if maps is None else inject(h, self.gates[level], maps[level])
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | int, saliency: torch.Tensor | None = None
