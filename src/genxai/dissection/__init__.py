@@ -9,7 +9,10 @@ and ``concept_masks(images)``; a small segmenter for the bundled shapes data is 
     tiles = gallery(generator, "blocks.2", result, result.interpretable[:8])
 
 Interventions on units (ablate, insert, average causal effect, the alpha search) live in
-:mod:`.interventions`; generative boundaries and regions (E-GBAS) in :mod:`.boundaries`.
+:mod:`.interventions`, one intervention's images and ACE per concept in :mod:`.effects`;
+generative boundaries and regions (E-GBAS) in :mod:`.boundaries`; artifact correction in
+:mod:`.artifacts` (Tousi et al.) and :mod:`.artifact_units` (GAN Dissection's FID of top samples);
+a diffusion UNet's units per timestep in :mod:`.timesteps`.
 """
 
 from genxai.dissection.boundaries import BoundarySet, RegionSamples, sample_region, smallest_boundary_set

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from genxai.report.figures import grid, to_rgb
+from genxai.report.figures import colorize, grid, to_rgb
 from genxai.report.plots import _save
 
 GROUP_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
@@ -167,4 +167,99 @@ def plot_segmenter_iou(
     return _save(fig, path, dpi=120)
 
 
-__all__ = ["highlight", "plot_concept_counts", "plot_segmenter_iou", "plot_unit_gallery", "plot_unit_iou"]
+def plot_before_after(
+    before: torch.Tensor, after: torch.Tensor, path: str | Path, *, title: str = "", scale: int = 3
+) -> Path:
+    """Three rows of the same samples: ``before`` and ``after`` an edit (N, C, H, W) in [0, 1] and
+    the per-pixel change (the largest absolute difference over channels, one scale for all)."""
+    if before.shape != after.shape or before.ndim != 4 or before.shape[0] == 0:
+        raise ValueError(
+            f"before, after: expected two (N, C, H, W) batches of the same shape, got "
+            f"{tuple(before.shape)} and {tuple(after.shape)}"
+        )
+    change = (after.float() - before.float()).abs().amax(1, keepdim=True)
+    change = colorize(change / change.max().clamp_min(1e-8), "magma")
+    tiles = torch.stack([to_rgb(before.float().cpu()), to_rgb(after.float().cpu()), change.cpu()])
+    tiles = F.interpolate(tiles.flatten(0, 1), scale_factor=scale, mode="nearest") if scale > 1 else tiles
+    image = grid(tiles.view(3, before.shape[0], 3, *tiles.shape[-2:]))
+    fig = Figure(figsize=(min(1.0 * before.shape[0] + 1.2, 14), 3.6))
+    ax = fig.subplots()
+    ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    rows = image.shape[1] / 3
+    ax.set_yticks([rows * (i + 0.5) for i in range(3)], ["before", "after", "|change|"], fontsize=8)
+    ax.set_title(title, fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return _save(fig, path, dpi=110)
+
+
+def plot_concept_effects(
+    ace: dict[str, float], path: str | Path, *, title: str = "Average causal effect per concept"
+) -> Path:
+    """Horizontal bars of an intervention's ACE per concept (change of the concept's pixel fraction)."""
+    names = sorted(ace, key=lambda c: ace[c])
+    values = [ace[c] for c in names]
+    fig = Figure(figsize=(5.5, 0.3 * len(names) + 1.2))
+    ax = fig.subplots()
+    colours = [GROUP_COLOURS[3] if v < 0 else GROUP_COLOURS[0] for v in values]
+    ax.barh(range(len(names)), values, color=colours)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.axvline(0, color="#555555", linewidth=0.8)
+    ax.set_xlabel("ACE (change of the pixel fraction)")
+    ax.set_title(title, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path, dpi=120)
+
+
+def plot_concept_emergence(
+    timesteps: Sequence[int],
+    best_iou: torch.Tensor,
+    concepts: Sequence[str],
+    path: str | Path,
+    *,
+    ace: torch.Tensor | None = None,
+    iou_bar: float | None = None,
+    title: str = "Concept emergence over the sampling steps",
+) -> Path:
+    """IoU of the best unit per concept against t (T, C), sampling's order left to right (t falls);
+    with ``ace`` (T, C; NaN where not measured) a second panel of the ACE of ablating those units at t."""
+    iou = best_iou.detach().float().cpu()
+    panels = 2 if ace is not None else 1
+    fig = Figure(figsize=(6.0 * panels, 3.6))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    steps = list(range(len(timesteps)))
+    for j, concept in enumerate(concepts):
+        colour = GROUP_COLOURS[j % len(GROUP_COLOURS)]
+        style = "-" if j < len(GROUP_COLOURS) else "--"
+        axes[0].plot(steps, iou[:, j].numpy(), style, marker="o", markersize=3, color=colour, label=concept)
+        if ace is not None and not bool(torch.isnan(ace[:, j]).all()):
+            axes[1].plot(
+                steps, ace[:, j].float().cpu().numpy(), style, marker="o", markersize=3, color=colour
+            )
+    if iou_bar is not None:
+        axes[0].axhline(iou_bar, color="#999999", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("IoU of the best unit")
+    axes[0].set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7, frameon=False, ncol=2)
+    if ace is not None:
+        axes[1].axhline(0, color="#555555", linewidth=0.8)
+        axes[1].set_ylabel("ACE of ablating them at t")
+        axes[1].set_title("Ablating the best units at one step", fontsize=9)
+    for ax in axes:
+        ax.set_xticks(steps, [str(t) for t in timesteps], fontsize=8)
+        ax.set_xlabel("timestep t (sampling runs left to right)")
+        ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path, dpi=120)
+
+
+__all__ = [
+    "highlight",
+    "plot_before_after",
+    "plot_concept_counts",
+    "plot_concept_effects",
+    "plot_concept_emergence",
+    "plot_segmenter_iou",
+    "plot_unit_gallery",
+    "plot_unit_iou",
+]
