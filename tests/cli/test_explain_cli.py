@@ -189,7 +189,9 @@ TINY_DIFFUSION = [
 ]
 
 
-def test_demo_runs_the_diffusion_job_first(tmp_path):
+def test_demo_runs_the_diffusion_job_first(tmp_path, capsys):
+    """The diffusion job first, each step said as it starts; one report with colour bars on the maps
+    and the real training images."""
     from genxai.jobs.demo import run_demo
 
     out = tmp_path / "demo"
@@ -200,8 +202,8 @@ def test_demo_runs_the_diffusion_job_first(tmp_path):
         train_images=60,
         explain_images=2,
         methods=["gradcam"],
-        progress=False,
-        diffusion_overrides=TINY_DIFFUSION,
+        progress=True,
+        diffusion_overrides=[*TINY_DIFFUSION, "train.progress=false"],
     )
     results = json.loads((out / "diffusion" / "results.json").read_text())
     assert set(results["runs"]) == {"baseline", "noise+hierarchical"}
@@ -209,6 +211,34 @@ def test_demo_runs_the_diffusion_job_first(tmp_path):
     html = report.read_text()
     assert html.index("XAI-guided diffusion: ablation") < html.index("held-out accuracy")
     assert "What the discriminator calls fake" in html
+    assert (
+        html.count('<figure class="map"') >= 3 and "grid-figure map" in html
+    )  # S/w, attention, D's saliency
+    assert "The classifier&#39;s training data (real images)" in html and (out / "real_images.png").is_file()
+    said = capsys.readouterr().err
+    steps = [
+        "[1/4] XAI-guided diffusion on the bundled 8-px shapes",
+        "training baseline then noise+hierarchical",
+        "each run computes FID on 8 samples against 32 real images every 6 Processes",
+        "baseline: 6 Processes in",
+        "noise+hierarchical: 6 Processes in",
+        "[2/4] training the classifier to explain",
+        "held-out accuracy",
+        "[3/4] explaining 2 held-out images with 1 method (gradcam)",
+        f"metrics in {out / 'metrics.csv'}",
+        "[4/4] writing the report",
+        f"open {report}",
+    ]
+    positions = [said.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), said
+    report.unlink()
+    result = runner.invoke(app, ["report", str(out)])  # rebuilds both parts of the demo's report
+    assert result.exit_code == 0, result.output
+    rebuilt = report.read_text()
+    for part in ("XAI-guided diffusion: ablation", "real images", "held-out accuracy", 'class="map"'):
+        assert part in rebuilt, part
+    assert "Processes/s *" in rebuilt and "ms_per_image *" in rebuilt  # speeds: the load note
+    assert "* wall-clock time on the machine that ran it" in rebuilt
 
 
 class HeadNet(torch.nn.Module):

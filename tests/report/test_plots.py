@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -109,3 +110,48 @@ def test_draw_ablation_figures_records_them_in_results_json(tmp_path, results):
     interrupted = {"interrupted": True}  # no finished run: nothing drawn, nothing written
     assert draw_ablation_figures(tmp_path / "none", interrupted) == interrupted
     assert not (tmp_path / "none").exists()
+
+
+def _drawn(monkeypatch):
+    """Keep every matplotlib Figure the plots save."""
+    from genxai.report import plots
+
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: (figures.append(fig), save(fig, path, dpi))[1])
+    return figures
+
+
+def test_every_map_panel_has_a_colour_bar(tmp_path, results, monkeypatch):
+    """S, w and each attention level carry their own colour bar; the images (x0, x0_hat) none."""
+    from genxai.report.plots import plot_maps
+
+    figures = _drawn(monkeypatch)
+    run = results["runs"]["noise+hierarchical"]
+    plot_maps("nh", run["snapshots"][:3], tmp_path / "maps.png")
+    plot_attention("nh", run["snapshots"][-1], tmp_path / "attention.png")
+    maps, attention = figures
+    bars = [ax for ax in maps.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 3 * 2  # rows x (S, w)
+    assert [ax.get_label() for ax in attention.axes].count("<colorbar>") == 3 * 2  # images x levels
+    for bar in bars:  # each bar spans its own panel's values
+        image = bar._colorbar.mappable
+        low, high = image.get_clim()
+        assert low == pytest.approx(float(image.get_array().min())) and high > low
+
+
+def test_real_images_figure(tmp_path):
+    from genxai.data.shapes import ShapesDataset
+    from genxai.report.figures import real_images_figure
+
+    data = ShapesDataset(10, 8, 0)
+    path = real_images_figure(data, tmp_path / "real.png", count=10, columns=4, tile=16)
+    pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255
+    assert pixels.shape == (3, 2 + 3 * (16 + 2), 2 + 4 * (16 + 2))  # 3 rows of 4 tiles, 2-px gaps
+    first = pixels[:, 2:18, 2:18]  # the first image, enlarged 2x (nearest)
+    expected = data[0][0].repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.allclose(first, expected, atol=1 / 255)
+    assert torch.all(pixels[:, -18:-2, -18:-2] == 1.0)  # the last row ends in white cells
+    grey = real_images_figure(torch.rand(3, 1, 5, 5), tmp_path / "grey.png")
+    assert Image.open(grey).mode == "RGB"
+    with pytest.raises(ValueError, match="images"):
+        real_images_figure(torch.rand(5, 5), tmp_path / "bad.png")

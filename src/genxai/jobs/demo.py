@@ -8,25 +8,31 @@ and seeds (``out/diffusion``: checkpoints, samples, FID, saliency and noise-weig
 :class:`SmallResNet` on procedurally generated shapes and save it to ``out/model``; (3) explain
 held-out images with every method in the registry (the expensive ones with smaller sample counts,
 listed in ``DEMO_OPTIONS``), scoring faithfulness and, since the shapes come with object masks,
-localisation; (4) write ``metrics.json``/``.csv``, the overlays and ``report.html`` with both parts.
+localisation; (4) write ``metrics.json``/``.csv``, the overlays and ``report.html`` with both parts
+and a grid of the real training images (:func:`write_demo_report`, also what ``genxai report``
+runs on a demo folder). With ``progress`` each step is said on stderr as it starts.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from genxai.core.checks import check_positive_int
 from genxai.data.shapes import ShapesDataset
+from genxai.diffusion.config import load_experiment
 from genxai.jobs.diffusion import ablation_sections, run_diffusion_demo
 from genxai.jobs.explain import Explainer, build_methods, explain_sections, resolve_methods, write_metrics
 from genxai.models.classifier import save_classifier, train_classifier
-from genxai.report.html import Section, build_report
+from genxai.report.figures import real_images_figure
+from genxai.report.html import Picture, Section, build_report
 
 DEMO_OPTIONS: dict[str, dict[str, Any]] = {
     "rise": {"masks": 500, "batch_size": 250},
@@ -79,27 +85,35 @@ def run_demo(
     strict = "all" not in [m.lower() for m in methods]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    say = _Narrator(progress, steps=4 if diffusion else 3)
     started = time.perf_counter()
     diffusion_sections: list[Section] = []
     if diffusion:
-        results = run_diffusion_demo(
-            out / "diffusion",
-            variants=diffusion_variants,
-            overrides=[f"train.cpu={device == 'cpu'}", *diffusion_overrides],
-        )
+        overrides = [f"train.cpu={device == 'cpu'}", *diffusion_overrides]
+        results = _diffusion_part(out / "diffusion", diffusion_variants, overrides, say)
         diffusion_sections = ablation_sections(out / "diffusion", results)
     diffused_at = time.perf_counter()
     torch.manual_seed(seed)
     dev = torch.device(device)
 
+    say.step(
+        f"training the classifier to explain: SmallResNet, {epochs} epochs on {train_images} shapes images "
+        f"of {size} px -> {out / 'model'}"
+    )
     train = ShapesDataset(train_images, size, seed)
     test = ShapesDataset(max(explain_images, train_images // 10), size, seed, train=False)
     trained = train_classifier(train, epochs, test=test, seed=seed, device=dev)
     model = trained.model.eval()
     save_classifier(model, out / "model", accuracy=trained.accuracy)
     trained_at = time.perf_counter()
+    say(f"held-out accuracy {100 * trained.accuracy:.1f}% ({trained_at - diffused_at:.0f} s)")
 
     built, skipped = build_methods(model, names, options=DEMO_OPTIONS, strict=strict)
+    say.step(
+        f"explaining {explain_images} held-out images with {len(built)} method{'s' * (len(built) != 1)} "
+        f"({', '.join(built)}) and "
+        "scoring them with every faithfulness and localisation metric"
+    )
     explainer = Explainer(model, built, out, curve_steps=curve_steps, strict=strict, skipped=skipped)
     images, labels, masks = (torch.stack(t) for t in zip(*[_item(test[i]) for i in range(explain_images)]))
     ids = [f"{i:03d}_{test.classes[int(labels[i])]}" for i in range(explain_images)]
@@ -111,6 +125,9 @@ def run_demo(
     rows = explainer.run(batches, total=explain_images, device=dev, progress=progress)
     write_metrics(out, rows, [n for n in names if n not in explainer.skipped], explainer.skipped)
     explained_at = time.perf_counter()
+    say(f"metrics in {out / 'metrics.csv'} ({explained_at - trained_at:.0f} s)")
+    for name, reason in explainer.skipped.items():
+        say(f"skipped {name}: {reason}")
 
     timing = {
         "diffusion_s": diffused_at - started,
@@ -139,8 +156,98 @@ def run_demo(
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
-    report = build_report(out, [*diffusion_sections, *explain_sections(out), *sections], title="genxai demo")
+    say.step("writing the report")
+    real_images_figure(train, out / REAL_IMAGES, count=32)
+    report = write_demo_report(out, sections, diffusion_sections=diffusion_sections)
+    say(f"done in {(time.perf_counter() - started) / 60:.1f} min; open {report}")
     return report
+
+
+class _Narrator:
+    """Says what the demo does, step by step, on stderr (above any progress bar); silent when off."""
+
+    def __init__(self, on: bool, steps: int):
+        self.on, self.steps, self.done = on, steps, 0
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            tqdm.write(f"      {text}", file=sys.stderr)
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        if self.on:
+            tqdm.write(f"[{self.done}/{self.steps}] {text}", file=sys.stderr)
+
+
+def _diffusion_part(
+    root: Path, variants: Sequence[str], overrides: Sequence[str], say: _Narrator
+) -> dict[str, Any]:
+    """The diffusion part (:func:`run_diffusion_demo`), said before it starts and after it ends."""
+    cfg = load_experiment("demo", list(overrides))
+    e, cycle = cfg.eval, cfg.cycle
+    processes = cycle.cycles * (cycle.phase_a + 2 * cycle.phase_b)
+    say.step(
+        f"XAI-guided diffusion on the bundled {cfg.data.image_size}-px shapes -> {root}: training "
+        f"{' then '.join(variants)} (one progress bar each), {processes} Processes each at batch "
+        f"{cfg.train.batch_size}, same seeds"
+    )
+    if e.num_samples:
+        say(
+            f"each run computes FID on {e.num_samples} samples against {e.real_images or 'all'} real images "
+            f"every {cfg.train.eval_every} Processes and at the end (its bar pauses while it samples); then "
+            "the figures, and D's saliency on fresh samples of each final model"
+        )
+    started = time.perf_counter()
+    results = run_diffusion_demo(root, variants=variants, overrides=overrides, say=say)
+    if results.get("interrupted"):
+        say("interrupted: the current run saved a checkpoint; rerun the demo to resume")
+    fid_name = results.get("fid_name")
+    for label, run in results.get("runs", {}).items():
+        final = run.get("final", {}).get(fid_name) if fid_name else None
+        shown = f", {fid_name} {final:.2f}" if final is not None else ""
+        say(f"{label}: {run.get('processes', '?')} Processes in {run.get('train_time_s', 0):.0f} s{shown}")
+    say(f"diffusion part done in {time.perf_counter() - started:.0f} s")
+    return results
+
+
+REAL_IMAGES = "real_images.png"
+"""The grid of the classifier's real training images in the demo folder."""
+
+
+def is_demo(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` is a folder written by :func:`run_demo`."""
+    config = Path(run_dir) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("job") == "demo"
+
+
+def write_demo_report(
+    out: str | Path,
+    extra: Sequence[Section] = (),
+    *,
+    diffusion_sections: Sequence[Section] | None = None,
+    embed: bool = False,
+) -> Path:
+    """``out/report.html`` of a demo folder, both parts: the diffusion ablation (read from
+    ``out/diffusion`` unless given), the classifier's real training images, the explanations and
+    ``extra`` sections. ``genxai report`` on a demo folder rebuilds it this way."""
+    out = Path(out)
+    if diffusion_sections is None:
+        diffusion = out / "diffusion"
+        diffusion_sections = ablation_sections(diffusion) if (diffusion / "results.json").is_file() else []
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    data = config.get("data", {})
+    real = []
+    if (out / REAL_IMAGES).is_file():
+        count = data.get("train_images", 32)
+        caption = (
+            f"real training images of {data.get('size', '?')} px, the first {min(32, count)} of {count} "
+            f"({', '.join(config.get('class_names', []))})"
+        )
+        real = [
+            Section("The classifier's training data (real images)", images=[Picture(REAL_IMAGES, caption)])
+        ]
+    sections = [*diffusion_sections, *real, *explain_sections(out), *extra]
+    return build_report(out, sections, title="genxai demo", embed=embed)
 
 
 def _item(item: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -48,8 +48,8 @@ from genxai.core.targets import ClassLogit
 from genxai.data.folders import IMAGE_EXTENSIONS, load_image
 from genxai.jobs.metrics import RunMetrics, gather_or_raise, table_rows, world, write_metrics
 from genxai.models.classifier import default_layer, input_size, load_model, random_weights_note
-from genxai.report.figures import as_heatmap, colorize, overlay, save_png, to_rgb, upscale
-from genxai.report.html import Grid, Section, Table, build_report
+from genxai.report.figures import as_heatmap, colorize, overlay, real_images_figure, save_png, to_rgb, upscale
+from genxai.report.html import LOAD_NOTE, MINMAX, Colorbar, Grid, Picture, Section, Table, build_report
 
 
 @dataclass
@@ -542,11 +542,26 @@ def explain_sections(run_dir: str | Path, *, max_images: int = 24) -> list[Secti
     for name, reason in metrics.get("skipped", {}).items():
         overview.append(f"Skipped {name}: {reason}")
     sections = [Section("Overview", text="\n".join(overview))]
+    inputs = [run_dir / "images" / f"{i}.png" for i in images[:64]]
+    if inputs and all(p.is_file() for p in inputs):
+        path = real_images_figure(torch.stack([load_image(p) for p in inputs]), run_dir / "inputs.png")
+        caption = f"the {len(inputs)} real images explained, as the model saw them" + (
+            f" (first {len(inputs)} of {len(images)})" if len(inputs) < len(images) else ""
+        )
+        sections.append(Section("The images", images=[Picture(path.relative_to(run_dir), caption)]))
     cells = [[f"images/{i}.png", *[f"overlays/{m}/{i}.png" for m in methods]] for i in shown]
+    images_only = [m for m in methods if _is_image_method(m)]
+    bar = Colorbar(
+        config.get("cmap", "jet"),
+        "0 (least)",
+        "1 (most)",
+        f"{MINMAX}, blended over the input"
+        + (f"; {', '.join(images_only)}: generated images, no map" if images_only else ""),
+    )
     sections.append(
         Section(
             "Explanations",
-            grid=Grid(columns=["input", *methods], rows=[label(i) for i in shown], cells=cells),
+            grid=Grid(columns=["input", *methods], rows=[label(i) for i in shown], cells=cells, colorbar=bar),
         )
     )
     if metrics["summary"]:
@@ -561,7 +576,16 @@ def explain_sections(run_dir: str | Path, *, max_images: int = 24) -> list[Secti
             "deletion and insertion are the areas under RISE's curves; the pointing game and energy use "
             "the object masks. Arrows say which direction is better."
         )
-        sections.append(Section("Metrics", text=text, table=Table.from_records(records)))
+        table = Table.from_records(records, notes={"ms_per_image": LOAD_NOTE})
+        sections.append(Section("Metrics", text=text, table=table))
     if config:
         sections.append(Section("Run config", config=config))
     return sections
+
+
+def _is_image_method(name: str) -> bool:
+    """Whether the registered method ``name`` makes images, not maps (class model visualisation)."""
+    try:
+        return getattr(attribution.get(name), "output", "map") == "image"
+    except ValueError:
+        return False

@@ -13,9 +13,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import Dataset
 
 from genxai.attribution.base import reduce_channels
 from genxai.core.maps import minmax_normalize
@@ -117,3 +119,51 @@ def save_png(image: torch.Tensor, path: str | Path, *, min_size: int = 0) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     to_pil(upscale(image, min_size) if min_size else image).save(path)
     return path
+
+
+def real_images_figure(
+    images: torch.Tensor | Dataset, path: str | Path, *, count: int = 32, columns: int = 8, tile: int = 64
+) -> Path:
+    """A grid of real training images, to set beside generated samples; written as PNG at ``path``.
+
+    ``images``: (N, C, H, W) in [0, 1] (C = 1 or 3), or a data set whose items are an image or
+    ``(image, ...)``; its first ``count`` images are shown, ``columns`` per row, each enlarged
+    (nearest) to at least ``tile`` pixels.
+    """
+    if isinstance(images, Dataset):
+        from genxai.data.batches import image_of
+
+        images = torch.stack([image_of(images[i]) for i in range(min(count, len(images)))])
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a data set or (N, 1 or 3, H, W) images, got {shape}")
+    pictures = upscale(to_rgb(images[:count].detach().float().cpu().clamp(0, 1)), tile)
+    cols = min(columns, len(pictures))
+    rows = -(-len(pictures) // cols)
+    blank = torch.ones(rows * cols - len(pictures), *pictures.shape[1:])  # white cells end the last row
+    return save_png(grid(torch.cat([pictures, blank]).view(rows, cols, *pictures.shape[1:])), path)
+
+
+def with_colorbar(
+    image: torch.Tensor, cmap: str = "jet", *, low: str = "0", high: str = "1", label: str = ""
+) -> torch.Tensor:
+    """A (3, H, W) picture of maps with a horizontal colour bar under it: ``cmap`` from ``low``
+    (left) to ``high`` (right), the ends and ``label`` written beneath, so a PNG read on its own
+    says what its colours mean."""
+    from PIL import ImageDraw, ImageFont
+
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image: expected shape (3, H, W), got {tuple(image.shape)}")
+    _, height, width = image.shape
+    bar = colorize(torch.linspace(0, 1, width).expand(1, 1, max(6, height // 24), width), cmap)[0]
+    text = Image.new("RGB", (width, 28 if label else 14), "white")
+    draw, font = ImageDraw.Draw(text), ImageFont.load_default()
+    draw.text((0, 1), low, fill="black", font=font)
+    draw.text((width - draw.textlength(high, font=font), 1), high, fill="black", font=font)
+    if label:  # a line of its own, centred
+        draw.text(
+            (max(0, (width - draw.textlength(label, font=font)) / 2), 14), label, fill="black", font=font
+        )
+    words = torch.from_numpy(np.array(text)).permute(2, 0, 1).float() / 255
+    gap = torch.ones(3, 3, width)
+    return torch.cat([image.detach().float().cpu(), gap, bar, words], dim=1)

@@ -8,6 +8,9 @@
 
 Image paths are relative to ``run_dir`` (or absolute); the report references them relatively, so the
 run folder can be moved as a whole, or with ``embed=True`` inlines them as base64 in one file.
+Pictures and grids of maps carry a :class:`Colorbar` (drawn under them, or ``in_figure`` when the
+picture draws its own); every picture opens at full size on click; wide grids scroll inside their
+box; configs are folded; a table column can carry a note (e.g. :data:`LOAD_NOTE` on speeds).
 """
 
 from __future__ import annotations
@@ -26,22 +29,57 @@ import jinja2
 
 import genxai
 
+LOAD_NOTE = "wall-clock time on the machine that ran it: it depends on that machine's load and hardware"
+"""The note of every speed or time column."""
+
+
+@dataclass
+class Colorbar:
+    """The colour scale of a map figure: ``cmap`` from ``low`` to ``high`` (labels), ``label``
+    saying what the colour means. ``in_figure``: the picture draws its own colour bars (matplotlib
+    figures); the report then marks the figure as a map without adding one."""
+
+    cmap: str = "jet"
+    low: str = "0"
+    high: str = "1"
+    label: str = ""
+    in_figure: bool = False
+
+    def gradient(self, stops: int = 11) -> str:
+        """A CSS ``linear-gradient`` through the colormap (left = low)."""
+        from genxai.report.figures import _lookup_table
+
+        table = _lookup_table(self.cmap)
+        colours = [table[round(i * 255 / (stops - 1))] for i in range(stops)]
+        return (
+            "linear-gradient(to right, "
+            + ", ".join("#" + "".join(f"{round(float(c) * 255):02x}" for c in rgb) for rgb in colours)
+            + ")"
+        )
+
+
+MINMAX = "per-image min-max scaled map: 0 = its lowest, 1 = its highest value"
+"""The :class:`Colorbar` label of min-max scaled attribution maps."""
+
 
 @dataclass
 class Picture:
-    """One image with a caption."""
+    """One image with a caption; ``colorbar`` when it shows a map."""
 
     path: str | Path
     caption: str = ""
+    colorbar: Colorbar | None = None
 
 
 @dataclass
 class Grid:
-    """Rows x columns of images with labels (``None`` leaves a cell empty)."""
+    """Rows x columns of images with labels (``None`` leaves a cell empty); ``colorbar`` for the
+    scale of its map columns."""
 
     columns: list[str]
     rows: list[str]
     cells: list[list[str | Path | None]]
+    colorbar: Colorbar | None = None
 
     def __post_init__(self) -> None:
         if len(self.cells) != len(self.rows) or any(len(r) != len(self.columns) for r in self.cells):
@@ -53,15 +91,29 @@ class Grid:
 
 @dataclass
 class Table:
-    """A table of values; numbers are shown with 4 significant digits."""
+    """A table of values; numbers are shown with 4 significant digits. ``notes``: column -> a note,
+    marked in the header and printed under the table."""
 
     columns: list[str]
     rows: list[list[Any]]
+    notes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_records(cls, records: Sequence[dict[str, Any]]) -> Table:
+    def from_records(cls, records: Sequence[dict[str, Any]], notes: dict[str, str] | None = None) -> Table:
         columns = list(dict.fromkeys(key for record in records for key in record))
-        return cls(columns, [[record.get(c) for c in columns] for record in records])
+        rows = [[record.get(c) for c in columns] for record in records]
+        return cls(columns, rows, {k: v for k, v in (notes or {}).items() if k in columns})
+
+    def marked(self) -> tuple[list[str], list[str]]:
+        """Header labels with a mark on noted columns, and the footnotes (one per distinct note)."""
+        marks = ["*", "\u2020", "\u2021", "\u00a7"]
+        footnotes: dict[str, str] = {}
+        for note in self.notes.values():
+            footnotes.setdefault(
+                note, marks[len(footnotes) % len(marks)] * (1 + len(footnotes) // len(marks))
+            )
+        headers = [f"{c} {footnotes[self.notes[c]]}" if c in self.notes else c for c in self.columns]
+        return headers, [f"{mark} {note}" for note, mark in footnotes.items()]
 
 
 @dataclass
@@ -128,6 +180,12 @@ class _Sources:
         return Path(os.path.relpath(file, self.report_dir)).as_posix()
 
 
+def _colorbar(bar: Colorbar | None) -> dict[str, Any] | None:
+    if bar is None:
+        return None
+    return {**bar.__dict__, "gradient": "" if bar.in_figure else bar.gradient()}
+
+
 def build_report(
     run_dir: str | Path,
     sections: Sequence[Section],
@@ -152,7 +210,10 @@ def build_report(
             "title": s.title,
             "anchor": f"section-{i}",
             "text": s.text,
-            "images": [{"src": src(p.path), "caption": p.caption} for p in s.images],
+            "images": [
+                {"src": src(p.path), "caption": p.caption, "colorbar": _colorbar(p.colorbar)}
+                for p in s.images
+            ],
             "grid": s.grid
             and {
                 "columns": s.grid.columns,
@@ -160,8 +221,9 @@ def build_report(
                     {"label": label, "cells": [src(c) for c in cells]}
                     for label, cells in zip(s.grid.rows, s.grid.cells)
                 ],
+                "colorbar": _colorbar(s.grid.colorbar),
             },
-            "table": s.table,
+            "table": s.table and dict(zip(("headers", "footnotes"), s.table.marked()), rows=s.table.rows),
             "config": s.config and flatten_config(s.config),
         }
         for i, s in enumerate(sections)

@@ -7,7 +7,8 @@ The ablation (:mod:`genxai.diffusion.ablation`) only computes: per run its evalu
 grids and training snapshots. This module draws them: FID against Processes and against training
 time, the final sample grids side by side, the saliency S and noise weight w of a fixed image over
 training (``maps_<run>.png``) and the per-level attention maps of the attention variants
-(``attention_<run>.png``).
+(``attention_<run>.png``). Every map panel has its own colour bar (report them with
+``Colorbar(in_figure=True)``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def plot_maps(label: str, snapshots: list[str], path: str | Path, rows: int = 6)
         ]
         for ax, (data, title, cmap) in zip(row, panels):
             image = ax.imshow(data, cmap=cmap if data.ndim == 2 else None)
-            if title == "noise weight w":
+            if data.ndim == 2 and cmap != "gray":  # the maps: S and w each with its own scale
                 fig.colorbar(image, ax=ax, fraction=0.046)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
@@ -145,7 +146,7 @@ def plot_attention(label: str, snapshot: str, path: str | Path, images: int = 3)
         axes[i][0].set_title("x0_hat", fontsize=8)
         for j, key in enumerate(levels, start=1):
             a = tensors[key][i, 0]
-            axes[i][j].imshow(a.numpy(), cmap="viridis")
+            fig.colorbar(axes[i][j].imshow(a.numpy(), cmap="viridis"), ax=axes[i][j], fraction=0.046)
             axes[i][j].set_title(f"level {key[15:]} ({a.shape[-1]}px)", fontsize=8)
         for ax in axes[i]:
             ax.axis("off")
