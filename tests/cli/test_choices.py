@@ -44,7 +44,7 @@ CHOICES = [
     (["fid", "--run", "r", "--features", "incepton"], "--features: expected one of 'auto', 'inception'"),
     (["fid", "--run", "r", "--sampler", "dddpm"], "--sampler: expected one of 'ddpm', 'ddim'"),
     (["fid", "--run", "r", "--device", "gpu"], "--device: expected one of 'auto', 'cpu', 'cuda'"),
-    (["ablate", "--config", DEMO, "--variants", "baseline,noize"], "unknown variant 'noize'"),
+    (["ablate", "--config", DEMO, "--variants", "baseline,noize"], "--variants: expected one of 'baseline'"),
     (["train", "--config", DEMO, "variant=noize"], "variant: expected one of 'baseline'"),
 ]
 

@@ -133,7 +133,7 @@ def test_ablate(tmp_path):
     (root / "report.html").unlink()
     assert runner.invoke(app, ["report", str(root)]).exit_code == 0
     assert (root / "report.html").is_file()
-    assert (root / "results.csv").read_text().startswith("run,variant,loss_weighting")
+    assert (root / "results.csv").read_text().startswith("run,label,seed,variant,loss_weighting")
     assert "FID (offline shapes-classifier features)" in out.output
 
 
@@ -143,7 +143,7 @@ def test_user_errors_are_one_line(tmp_path):
     out = runner.invoke(app, ["sample", "--run", str(tmp_path / "missing")])
     assert out.exit_code == 2 and "no config.yaml" in out.output
     out = runner.invoke(app, ["ablate", "--config", DEMO, f"out_dir={tmp_path}", "--variants", "nope"])
-    assert out.exit_code == 2 and "unknown variant" in out.output
+    assert out.exit_code == 2 and "--variants: expected one of" in out.output
 
 
 def test_fid_equals_the_training_evaluation(tmp_path):

@@ -298,7 +298,7 @@ def test_an_interrupted_ablation_stops_and_resumes(tmp_path, shapes8, monkeypatc
 
     monkeypatch.setattr(ablation, "Trainer", Interrupted)
     partial = ablation.run_ablation(cfg, variants=("baseline", "noise"), dataset=shapes8)
-    assert partial == {"interrupted": True, "signal": "SIGTERM"}
+    assert partial["interrupted"] and partial["signal"] == "SIGTERM" and partial["runs"] == {}
     assert not (tmp_path / "abl" / "noise").exists()  # the ablation stopped at the first run
     monkeypatch.setattr(ablation, "Trainer", Trainer)
     done = ablation.run_ablation(cfg, variants=("baseline", "noise"), dataset=shapes8)

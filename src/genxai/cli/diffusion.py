@@ -89,9 +89,42 @@ def _check_sampling(
         raise ValueError(f"--eta: expected a number >= 0, got {eta}")
 
 
+DiffusersOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--diffusers",
+        help="A local diffusers model folder (DDPMPipeline/DDIMPipeline or UNet2DModel) instead of --run.",
+    ),
+]
+
+
+def _load(run: Path | None, diffusers: Path | None, device: str, **run_options):
+    """(the run or the imported diffusers model as a LoadedRun, its sampler options, its folder)."""
+    from genxai.diffusion.pipeline import LoadedRun, load_run
+
+    if (run is None) == (diffusers is None):
+        raise ValueError(
+            "--run, --diffusers: give exactly one (a genxai run folder or a diffusers model folder)"
+        )
+    if run is not None:
+        return load_run(run, device=device, **run_options), None, run
+    if run_options.get("checkpoint_path") is not None:
+        raise ValueError("--checkpoint: a checkpoint of a run; not with --diffusers")
+    from genxai.diffusion.interop import from_diffusers
+
+    imported = from_diffusers(diffusers, device=device)
+    for note in imported.notes:
+        typer.echo(f"note: {note}", err=True)
+    loaded = LoadedRun(imported.cfg, imported.unet, None, imported.schedule, imported.folder)
+    return loaded, imported.sampler_options, diffusers
+
+
 @app.command()
 def sample(
-    run: RunOption,
+    run: Annotated[
+        Path | None, typer.Option("--run", "-r", help="Run folder written by `genxai train`.")
+    ] = None,
+    diffusers: DiffusersOption = None,
     n: Annotated[
         int | None, typer.Option("--n", help="Number of images (default: the run's sample.num_images).")
     ] = None,
@@ -127,19 +160,23 @@ def sample(
         ),
     ] = True,
 ) -> None:
-    """Sample images from a trained run: a PNG grid plus PNGs or one .safetensors tensor.
+    """Sample images from a trained run (or a diffusers model folder): a PNG grid plus PNGs or one
+    .safetensors tensor.
 
     EMA weights, isotropic N(0, I) start, generated batch by batch; optional Discriminator
     Guidance with the run's D and saliency attention maps for the attention variants. Runs with a
-    discriminator also get saliency.png: samples over D's fake-score saliency.
+    discriminator also get saliency.png: samples over D's fake-score saliency. A diffusers model
+    samples with its scheduler's settings (DDPM: all T steps; --sampler ddim for fewer).
     """
     from genxai.diffusion.guidance import DiscriminatorGuidance
-    from genxai.diffusion.pipeline import load_run, sample_run
+    from genxai.diffusion.pipeline import sample_run
     from genxai.diffusion.sampling import SAMPLERS
 
     _check_choices(format=(fmt, FORMATS), sampler=(sampler, SAMPLERS), device=(device, DEVICES))
     try:
-        loaded = load_run(run, checkpoint_path=checkpoint, use_ema=ema, device=_device(device))
+        loaded, options, source = _load(
+            run, diffusers, _device(device), checkpoint_path=checkpoint, use_ema=ema
+        )
         cfg = loaded.cfg
         _check_sampling(cfg, n, batch_size, sampler, steps, eta)
         if saliency_every is not None and saliency_every < 0:
@@ -154,8 +191,11 @@ def sample(
         if not cfg.discriminator.time_aware:
             typer.echo("note: the run's D is not time-aware; guidance uses its judgement of x0_hat", err=True)
         hook = DiscriminatorGuidance(loaded.discriminator, loaded.schedule, guidance, on="x0_hat")
-    out = out or run / f"samples-{seed}"
-    (out / "images" if fmt == "png" else out).mkdir(parents=True, exist_ok=True)
+    out = out or source / f"samples-{seed}"
+    try:
+        (out / "images" if fmt == "png" else out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise fail(err) from None
     batches = sample_run(
         cfg,
         loaded.unet,
@@ -170,9 +210,10 @@ def sample(
         saliency_every=saliency_every,
         guidance=hook,
         progress=True,
+        sampler_options=options,
     )
     try:
-        result = _write_samples(batches, out, fmt, loaded, run, seed, explain)
+        result = _write_samples(batches, out, fmt, loaded, source, seed, explain)
     except USER_ERRORS as err:
         raise fail(err) from None
     typer.echo(json.dumps(result))
@@ -247,7 +288,16 @@ def _stored_batches(path: Path, batch_size: int, channels: int) -> Iterator:
 
 @app.command()
 def fid(
-    run: RunOption,
+    run: Annotated[
+        Path | None, typer.Option("--run", "-r", help="Run folder written by `genxai train`.")
+    ] = None,
+    diffusers: DiffusersOption = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="With --diffusers: the experiment YAML whose data and eval it uses."
+        ),
+    ] = None,
     n: Annotated[
         int | None, typer.Option("--n", help="Generated images (default: eval.num_samples or 1000).")
     ] = None,
@@ -282,21 +332,38 @@ def fid(
 ) -> None:
     """FID (and IS where the features allow) of a run's samples against its training data.
 
-    Streamed batch by batch. Offline classifier features are named as such in the result: they
+    A diffusers model (--diffusers) is compared with the data set of --config. Streamed batch by batch. Offline classifier features are named as such in the result: they
     rank runs on the same data and are not comparable to published (Inception) FIDs.
     """
     from genxai.core.checks import check_choice, check_positive_int
-    from genxai.diffusion.config import build_dataset
-    from genxai.diffusion.pipeline import load_run, sample_run
+    from genxai.diffusion.config import build_dataset, load_experiment
+    from genxai.diffusion.pipeline import sample_run
     from genxai.diffusion.sampling import SAMPLERS
     from genxai.evaluation.fid import FEATURE_KINDS, reference_fid
 
     _check_choices(features=(features, FEATURE_KINDS), sampler=(sampler, SAMPLERS), device=(device, DEVICES))
     dev = _device(device)
     try:
-        loaded = load_run(run, use_ema=ema, device=dev)
+        if config is not None and diffusers is None:
+            raise ValueError("--config: only with --diffusers (a run uses its own config)")
+        if diffusers is not None and config is None:
+            raise ValueError(
+                "--config: with --diffusers, name the experiment YAML whose data set FID compares with"
+            )
+        loaded, options, source = _load(run, diffusers, dev, use_ema=ema)
         cfg = loaded.cfg
-        _check_sampling(cfg, n, batch_size, sampler, steps, None)
+        if config is not None:  # the data and eval settings of --config; sampling stays the model's
+            cfg = load_experiment(config)
+            image_size, channels = loaded.cfg.data.image_size, loaded.cfg.data.channels
+            if cfg.data.image_size != image_size:
+                raise ValueError(
+                    f"data.image_size: {cfg.data.image_size} in {config}, but the diffusers model's sample_size is {image_size}"
+                )
+            if cfg.data.channels not in (None, channels):
+                raise ValueError(
+                    f"data.channels: {cfg.data.channels} in {config}, but the diffusers model makes {channels}"
+                )
+        _check_sampling(loaded.cfg, n, batch_size, sampler, steps, None)
         if features is not None:
             cfg.eval.features = check_choice(features, "--features", FEATURE_KINDS)
         if inception is not None:
@@ -315,7 +382,8 @@ def fid(
             cfg.data.root = str(data_root)
         dataset = build_dataset(cfg)
         size = batch_size or cfg.eval.batch_size
-        metric = reference_fid(cfg, dataset, dev, run, real_images=real_images, batch_size=size)
+        cache = run if run is not None else cfg.run_dir
+        metric = reference_fid(cfg, dataset, dev, cache, real_images=real_images, batch_size=size)
     except USER_ERRORS as err:
         raise fail(err) from None
     limit = cfg.eval.real_images if real_images is None else real_images
@@ -324,7 +392,7 @@ def fid(
         fake = _stored_batches(samples, size, cfg.data.channels or 3)
     else:  # as training's evaluation samples: the run's sampler and saliency-conditioned maps
         fake = sample_run(
-            cfg,
+            loaded.cfg,
             loaded.unet,
             loaded.schedule,
             loaded.discriminator,
@@ -334,6 +402,7 @@ def fid(
             sampler=sampler,
             steps=steps,
             progress=True,
+            sampler_options=options,
         )
     generated = 0
     try:
@@ -342,7 +411,7 @@ def fid(
             generated += len(batch)
     except USER_ERRORS as err:
         raise fail(err) from None
-    result = {"run": str(run), "real_images": count, "generated_images": generated, **metric.compute()}
+    result = {"run": str(source), "real_images": count, "generated_images": generated, **metric.compute()}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -354,29 +423,48 @@ def ablate(
     config: ConfigOption,
     overrides: Overrides = None,
     variants: Annotated[
-        str, typer.Option("--variants", help="Comma-separated variants to train.")
-    ] = "baseline,noise,noise+same,noise+hierarchical",
+        str | None,
+        typer.Option("--variants", help="Comma-separated variants (default: ablation.variants, all four)."),
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="Paired seeds per variant (default: ablation.seeds).")
+    ] = None,
     min_snr: Annotated[
-        bool, typer.Option("--min-snr/--no-min-snr", help="Add the min-SNR-5 baseline.")
-    ] = True,
-    p2: Annotated[bool, typer.Option("--p2/--no-p2", help="Add the P2-weighting baseline.")] = False,
+        bool | None, typer.Option("--min-snr/--no-min-snr", help="Add the min-SNR-5 baseline (default on).")
+    ] = None,
+    p2: Annotated[bool | None, typer.Option("--p2/--no-p2", help="Add the P2-weighting baseline.")] = None,
+    dg: Annotated[
+        bool | None,
+        typer.Option("--dg/--no-dg", help="Add the Discriminator Guidance sampler on the baseline."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Ablation folder (default: out_dir/name).")
     ] = None,
 ) -> None:
-    """Train every variant with the same budget, data and seeds, then compare them.
+    """Train every variant with the same budget, data and paired seeds, then compare them.
 
-    Writes results.json, results.csv and figures (FID against Processes and time, sample grids,
-    saliency/noise-weight maps over training, per-level attention maps) into the ablation folder.
+    Writes results.json (mean, s.e. and paired bootstrap CIs over seeds; every metric at equal
+    cost), results.csv and figures into the ablation folder; rerun the same command to resume.
     """
+    from genxai.core.checks import check_choice
     from genxai.diffusion.ablation import run_ablation
-    from genxai.diffusion.config import load_experiment
+    from genxai.diffusion.config import VARIANTS, load_experiment
 
-    baselines = [name for name, on in (("min_snr", min_snr), ("p2", p2)) if on]
     try:
         cfg = load_experiment(config, overrides or [])
-        names = [v.strip() for v in variants.split(",") if v.strip()]
-        results = run_ablation(cfg, variants=names, baselines=baselines, out_dir=out)
+        a = cfg.ablation
+        if variants is not None:
+            a.variants = [v.strip() for v in variants.split(",") if v.strip()]
+            for v in a.variants:
+                check_choice(v, "--variants", VARIANTS)
+        for weighting, on in (("min_snr", min_snr), ("p2", p2)):
+            if on is not None:
+                a.baselines = [b for b in a.baselines if b != weighting] + ([weighting] if on else [])
+        if seeds is not None:
+            a.seeds = seeds
+        if dg is not None:
+            a.dg = dg
+        results = run_ablation(cfg, out_dir=out, say=lambda text: typer.echo(text, err=True))
     except USER_ERRORS as err:
         raise fail(err) from None
     finally:
@@ -390,7 +478,7 @@ def ablate(
             "rerun the same command to resume",
             err=True,
         )
-        if "runs" not in results:
+        if not results.get("runs"):
             raise typer.Exit(code=code)
     name = results["fid_name"]
     typer.echo(f"{'run':<22} {'Processes':>9} {'Processes/s':>11}  {name}")

@@ -12,7 +12,7 @@ The ablation itself (training every variant on the same budget, FID) lives in
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,16 @@ import torch
 from torch import nn
 
 from genxai.diffusion.ablation import run_ablation
-from genxai.diffusion.config import load_experiment
-from genxai.report.figures import grid, overlay, save_png, to_rgb
-from genxai.report.html import Picture, Section, Table, build_report
+from genxai.diffusion.config import build_dataset, load_experiment
+from genxai.jobs.premise import premise_experiment, premise_sections
+from genxai.report.ablation import seed_curves
+from genxai.report.figures import grid, overlay, real_images_figure, save_png, to_rgb
+from genxai.report.html import LOAD_NOTE, MINMAX, Colorbar, Picture, Section, Table, build_report
 from genxai.report.plots import ablation_figures, file_label
+
+IN_FIGURE = Colorbar(in_figure=True, label="each map panel has its own scale")
+SALIENCY_BAR = Colorbar("inferno", "0 (least)", "1 (most)", f"D's fake-score saliency, {MINMAX}")
+"""Colour bars of the ablation's map figures: matplotlib charts draw their own; overlays get one."""
 
 
 def load_results(root: str | Path) -> dict[str, Any]:
@@ -44,7 +50,14 @@ def draw_ablation_figures(root: str | Path, results: dict[str, Any] | None = Non
     results = results if results is not None else load_results(root)
     if not results.get("runs"):
         return results
-    results = {**results, "figures": ablation_figures(root, results)}
+    first_seed = results.get("seeds", [None])[0]
+    per_run = {  # per-run charts (grids, maps) for one seed: the others look alike
+        rid: run for rid, run in results["runs"].items() if run.get("seed", first_seed) == first_seed
+    }
+    figures = ablation_figures(root, {**results, "runs": per_run})
+    if len(results.get("seeds", [])) > 1 or results.get("costs"):
+        figures |= seed_curves(root, results)
+    results = {**results, "figures": figures}
     (root / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -55,6 +68,7 @@ def results_table(results: dict[str, Any]) -> Table:
     for label, run in results["runs"].items():
         record = {
             "run": label,
+            "seed": run.get("seed"),
             "variant": run["variant"],
             "loss weighting": run["loss_weighting"],
             "Processes": run["processes"],
@@ -63,7 +77,73 @@ def results_table(results: dict[str, Any]) -> Table:
         }
         record.update(run["final"])
         records.append(record)
-    return Table.from_records(records)
+    return Table.from_records(records, notes={"training time (s)": LOAD_NOTE, "Processes/s": LOAD_NOTE})
+
+
+def _cell(summary: dict[str, float] | None) -> str:
+    if not summary:
+        return "-"
+    se = summary["se"]
+    return f"{summary['mean']:.4g}" + (f" +- {se:.2g}" if se == se else "")
+
+
+def _difference(d: dict[str, float] | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['mean']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}] p={d['p_value']:.2g}"
+
+
+def statistics_table(stats: dict[str, Any], labels: Sequence[str]) -> Table:
+    """Per label of one metric: mean +- s.e. over seeds and the paired differences to the references."""
+    refs = [key for key in stats if key.startswith("vs ")]
+    records = []
+    for label in labels:
+        if label not in stats["summary"]:
+            continue
+        record = {
+            "run": label,
+            "seeds": stats["summary"][label]["n"],
+            "mean +- s.e.": _cell(stats["summary"][label]),
+        }
+        for ref in refs:
+            record[f"difference {ref}"] = _difference(stats[ref].get(label))
+        records.append(record)
+    note = "paired over seeds: mean [95% bootstrap CI] and the paired t-test's p-value"
+    return Table.from_records(records, notes={f"difference {ref}": note for ref in refs})
+
+
+def _headline(metric: str) -> bool:
+    """The metrics the statistics tables show (all of them are in results.json)."""
+    return metric.startswith(("FID", "KID (", "precision", "recall", "valid"))
+
+
+def statistics_sections(results: dict[str, Any]) -> list[Section]:
+    """The tables over seeds: final metrics, and every metric at equal cost."""
+    labels = results.get("labels") or sorted({r.get("label", r["variant"]) for r in results["runs"].values()})
+    seeds = len(results.get("seeds", [])) or 1
+    sections = []
+    for metric, stats in results.get("statistics", {}).items():
+        if stats.get("summary") and seeds > 1 and _headline(metric):
+            sections.append(
+                Section(f"{metric}: final, over {seeds} seeds", table=statistics_table(stats, labels))
+            )
+    at_cost = results.get("equal_cost", {})
+    costs = results.get("costs", {})
+    if costs:
+        text = (
+            "Seconds per Process, each label's training iterations timed in turn in one process: "
+            + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in costs.items())
+        )
+        if at_cost:
+            text += (
+                f". At equal cost every run is read off its curve at {at_cost['cost_s']:.1f} s, the "
+                "cheapest label's full budget (guided runs pay for D and the saliency)."
+            )
+        sections.append(Section("Cost", text=text))
+        for metric, stats in at_cost.get("metrics", {}).items():
+            if _headline(metric) and (seeds > 1 or len(stats.get("summary", {})) > 1):
+                sections.append(Section(f"{metric}: at equal cost", table=statistics_table(stats, labels)))
+    return sections
 
 
 def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -> list[Section]:
@@ -89,6 +169,10 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
     sections = [
         Section("XAI-guided diffusion: ablation", text="\n".join(notes), table=results_table(results))
     ]
+    sections += statistics_sections(results)
+    seed_figures = [Picture(path) for key, path in figures.items() if key.startswith("curve_")]
+    if seed_figures:
+        sections.append(Section("Metrics during training, over seeds", images=seed_figures))
     curves = [
         Picture(figures[k], caption)
         for k, caption in (
@@ -100,11 +184,15 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
     if curves:
         sections.append(Section(f"{fid_name} during training", images=curves))
     if "samples" in figures:
-        sections.append(
-            Section("Samples (EMA weights, final checkpoint)", images=[Picture(figures["samples"])])
-        )
+        real = root / "real_images.png"
+        pictures = [Picture(figures["samples"])]
+        if real.is_file():
+            pictures.append(Picture(real.resolve(), "real training images, for comparison"))
+        sections.append(Section("Samples (EMA weights, final checkpoint)", images=pictures))
     maps = [
-        Picture(path, key.removeprefix("maps_")) for key, path in figures.items() if key.startswith("maps_")
+        Picture(path, key.removeprefix("maps_"), IN_FIGURE)
+        for key, path in figures.items()
+        if key.startswith("maps_")
     ]
     if maps:
         sections.append(
@@ -116,7 +204,7 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
             )
         )
     attention = [
-        Picture(path, key.removeprefix("attention_"))
+        Picture(path, key.removeprefix("attention_"), IN_FIGURE)
         for key, path in figures.items()
         if key.startswith("attention_")
     ]
@@ -128,9 +216,12 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
             Section(
                 "Where the trained discriminator sees 'fake' in final samples",
                 text="Rows alternate: samples of the run's final EMA model, then D's fake-score saliency over them.",
-                images=[Picture(p.resolve(), p.stem.removeprefix("fake_saliency_")) for p in judged],
+                images=[
+                    Picture(p.resolve(), p.stem.removeprefix("fake_saliency_"), SALIENCY_BAR) for p in judged
+                ],
             )
         )
+    sections += premise_sections(root)
     config_file = root / "ablation.yaml"
     if config_file.is_file():
         from omegaconf import OmegaConf
@@ -176,7 +267,10 @@ def explain_final_samples(root: str | Path, results: dict[str, Any], *, num_imag
     from genxai.diffusion.pipeline import load_run, sample_run
 
     written = []
+    first_seed = results.get("seeds", [None])[0]
     for label, run in results["runs"].items():
+        if "dg" in run or run.get("seed", first_seed) != first_seed:  # a sampler, or another seed
+            continue
         loaded = load_run(run["run_dir"])
         if loaded.discriminator is None:
             continue
@@ -205,10 +299,23 @@ def explain_final_samples(root: str | Path, results: dict[str, Any], *, num_imag
     return written
 
 
+def real_images_grid(root: str | Path) -> Path | None:
+    """``root/real_images.png``: training images of the ablation's data, to set beside samples."""
+    config_file = Path(root) / "ablation.yaml"
+    if not config_file.is_file():
+        return None
+    cfg = load_experiment(config_file)
+    return real_images_figure(build_dataset(cfg), Path(root) / "real_images.png", count=32)
+
+
 def write_ablation_report(root: str | Path, *, embed: bool = False) -> Path:
     """``root/report.html`` for an ablation folder: its figures drawn from ``results.json``, D's
     saliency on fresh final samples included."""
-    explain_final_samples(root, draw_ablation_figures(root))
+    results = draw_ablation_figures(root)
+    explain_final_samples(root, results)
+    real_images_grid(root)
+    if results.get("runs") and not (Path(root) / "premise.json").is_file():
+        premise_experiment(root)
     return build_report(
         root, ablation_sections(root), title=f"genxai ablation: {Path(root).resolve().name}", embed=embed
     )
@@ -220,10 +327,13 @@ def run_diffusion_demo(
     config: str | Path = "demo",
     variants: Sequence[str] = ("baseline", "noise+hierarchical"),
     overrides: Sequence[str] = (),
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The demo's diffusion part: the shipped demo config's variants, trained side by side in ``out``,
-    with the ablation's figures."""
+    with the ablation's figures; ``say`` announces each run."""
     cfg = load_experiment(config, list(overrides))
-    results = draw_ablation_figures(out, run_ablation(cfg, variants=variants, out_dir=Path(out)))
+    results = draw_ablation_figures(
+        out, run_ablation(cfg, variants=variants, baselines=(), seeds=1, out_dir=Path(out), say=say)
+    )
     explain_final_samples(out, results)
     return results

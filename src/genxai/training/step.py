@@ -25,6 +25,7 @@ BOOKKEEPING = (
     "train.eval_every",
     "sample",
     "eval",
+    "ablation",
 )
 
 if TYPE_CHECKING:
