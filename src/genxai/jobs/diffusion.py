@@ -112,6 +112,38 @@ def statistics_table(stats: dict[str, Any], labels: Sequence[str]) -> Table:
     return Table.from_records(records, notes={f"difference {ref}": note for ref in refs})
 
 
+def results_markdown(results: dict[str, Any]) -> str:
+    """The statistics tables as Markdown (``results.md`` beside ``results.json``): per headline metric,
+    final and at equal cost, mean +- s.e. per label and the paired differences."""
+    labels = results.get("labels") or sorted({r.get("label", r["variant"]) for r in results["runs"].values()})
+    parts = [
+        f"{results.get('finished', len(results['runs']))} of {results.get('planned', '?')} runs finished; "
+        f"seeds {results.get('seeds')}; {results['budget']['processes']} Processes per run.",
+        "Differences: variant - reference, paired by seed: mean [95% bootstrap CI] p = paired t-test.",
+    ]
+    blocks = [("final", results.get("statistics", {}))]
+    if results.get("equal_cost", {}).get("metrics"):
+        cost = results["equal_cost"]["cost_s"]
+        blocks.append((f"at equal cost ({cost:.0f} s)", results["equal_cost"]["metrics"]))
+    for when, per_metric in blocks:
+        for metric, stats in per_metric.items():
+            if not _headline(metric) or not stats.get("summary"):
+                continue
+            table = statistics_table(stats, labels)
+            rows = [[str(v) for v in row] for row in table.rows]
+            parts.append(
+                "\n".join(
+                    [
+                        f"**{metric}, {when}**\n",
+                        "| " + " | ".join(table.columns) + " |",
+                        "|" + " --- |" * len(table.columns),
+                        *("| " + " | ".join(row) + " |" for row in rows),
+                    ]
+                )
+            )
+    return "\n\n".join(parts) + "\n"
+
+
 def _headline(metric: str) -> bool:
     """The metrics the statistics tables show (all of them are in results.json)."""
     return metric.startswith(("FID", "KID (", "precision", "recall", "valid"))
@@ -312,6 +344,8 @@ def write_ablation_report(root: str | Path, *, embed: bool = False) -> Path:
     """``root/report.html`` for an ablation folder: its figures drawn from ``results.json``, D's
     saliency on fresh final samples included."""
     results = draw_ablation_figures(root)
+    if results.get("runs"):
+        (Path(root) / "results.md").write_text(results_markdown(results))
     explain_final_samples(root, results)
     real_images_grid(root)
     if results.get("runs") and not (Path(root) / "premise.json").is_file():
