@@ -2,10 +2,19 @@
 
 Each module registers its commands on :data:`genxai.cli.app.app`:
 ``explain.py`` (explain, report, demo), ``diffusion.py`` (train, sample, fid, ablate),
-``gan.py`` (train-gan, sample-gan) and ``dissection.py`` (train-segmenter, dissect).
+``gan.py`` (train-gan, sample-gan), ``dissection.py`` (train-segmenter, dissect) and
+``export.py`` (export: a run as a diffusers folder).
 """
 
-from genxai.cli import diffusion, dissection, explain, gan  # noqa: F401  (registers the commands)
+from genxai.cli import (  # noqa: F401  (registers the commands)
+    diffusion,
+    dissection,
+    explain,
+    explainers_examples,
+    explainers_generative,
+    export,
+    gan,
+)
 from genxai.cli.app import app
 
 

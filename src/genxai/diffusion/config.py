@@ -337,7 +337,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if not a.variants and not a.baselines:
         raise ValueError("ablation: nothing to run (ablation.variants and ablation.baselines are empty)")
     if a.dg and "baseline" not in a.variants:
-        raise ValueError("ablation.dg: the Discriminator Guidance sampler runs on the baseline; add it to ablation.variants")
+        raise ValueError(
+            "ablation.dg: the Discriminator Guidance sampler runs on the baseline; add it to ablation.variants"
+        )
     check_in_range(a.dg_weight, "ablation.dg_weight", 0.0, float("inf"))
     check_positive_int(a.dg_iterations, "ablation.dg_iterations")
     check_positive_int(a.dg_fakes, "ablation.dg_fakes", minimum=2)
