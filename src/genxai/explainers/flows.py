@@ -289,18 +289,7 @@ class FlowTrainer(Loop):
     def __init__(self, cfg: FlowConfig, *, dataset=None, resume: bool = True):
         if not isinstance(cfg, FlowConfig):
             raise TypeError(f"cfg: expected a FlowConfig, got {type(cfg).__name__}")
-        t = cfg.train
-        config = LoopConfig(
-            run_dir=cfg.run_dir,
-            seed=cfg.seed,
-            batch_size=t.batch_size,
-            log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every,
-            keep_checkpoints=t.keep_checkpoints,
-            num_workers=cfg.data.num_workers,
-            cpu=t.cpu,
-            progress=t.progress,
-        )
+        config = LoopConfig.from_config(cfg)
         data = dataset if dataset is not None else build_dataset(cfg.data, cfg.seed)
         super().__init__(FlowStep(cfg), config, data, resume=resume)
 

@@ -256,18 +256,7 @@ class GANMEXTrainer(Loop):
             raise TypeError(f"cfg: expected a GANMEXConfig, got {type(cfg).__name__}")
         if not cfg.classifier:
             raise ValueError("classifier: expected the folder of a saved classifier (classifier=PATH)")
-        t = cfg.train
-        config = LoopConfig(
-            run_dir=cfg.run_dir,
-            seed=cfg.seed,
-            batch_size=t.batch_size,
-            log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every,
-            keep_checkpoints=t.keep_checkpoints,
-            num_workers=cfg.data.num_workers,
-            cpu=t.cpu,
-            progress=t.progress,
-        )
+        config = LoopConfig.from_config(cfg)
         data = dataset if dataset is not None else build_dataset(cfg.data, cfg.seed)
         super().__init__(GANMEXStep(cfg), config, data, resume=resume)
 
