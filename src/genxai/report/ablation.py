@@ -83,7 +83,7 @@ def seed_curves(root: str | Path, results: dict[str, Any]) -> dict[str, str]:
     root = Path(root)
     out = {}
     for metric in results.get("metrics", []):
-        if not metric.startswith(CURVE_METRICS) or "std" in metric:
+        if not metric.startswith(CURVE_METRICS) or "std" in metric or "real images" in metric:
             continue
         for axis in ("processes", "cost"):
             name = f"curve_{_slug(metric)}_{axis}"
