@@ -139,3 +139,45 @@ def test_equal_cost_interpolates_each_curve_at_the_cheapest_budget():
     assert stats["summary"]["noise"]["mean"] == pytest.approx(17 / 6)
     assert stats["vs baseline"]["noise"]["mean"] == pytest.approx(17 / 6 - 2.5)
     assert math.isnan(ablation.interpolate([(1.0, 1.0), (2.0, 2.0)], 3.0))
+
+
+def test_claim_shares_runs_between_live_workers_and_takes_over_dead_ones(tmp_path):
+    lock = tmp_path / ".run.lock"
+    with ablation.claim(lock) as mine:
+        assert mine and lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+    lock.write_text("1")  # pid 1 is alive: another worker holds the run
+    with ablation.claim(lock) as mine:
+        assert not mine
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # a SIGKILLed worker's lock
+    with ablation.claim(lock) as mine:
+        assert mine
+
+
+@pytest.mark.slow
+def test_discriminator_guidance_on_the_baseline_is_an_ablation_label(tmp_path, classifier, shapes8):
+    from genxai.diffusion.dg import dg_dir
+
+    cfg = tiny(
+        tmp_path,
+        *ABLATION,
+        f"eval.classifier={classifier}",
+        "ablation.seeds=1",
+        "ablation.variants=[baseline]",
+        "ablation.dg=true",
+        "ablation.dg_iterations=6",
+        "ablation.dg_fakes=8",
+    )
+    results = ablation.run_ablation(cfg, dataset=shapes8)
+    assert set(results["runs"]) == {"baseline", "baseline+dg"}
+    dg = results["runs"]["baseline+dg"]
+    assert dg["label"] == "baseline+dg" and dg["dg"]["d_iterations"] == 6
+    assert set(dg["final"]) == set(results["runs"]["baseline"]["final"])  # the same metrics
+    assert dg["final"] != results["runs"]["baseline"]["final"]  # the guidance moved the samples
+    assert dg["train_time_s"] > results["runs"]["baseline"]["train_time_s"]  # D's training is its cost
+    folder = dg_dir(ablation.ablation_runs(cfg, root=tmp_path / "abl")[0].cfg)
+    assert (folder / "result.json").is_file() and (folder / "samples.png").is_file()
+    again = ablation.run_ablation(cfg, dataset=shapes8)  # finished: nothing is redone
+    assert again["runs"]["baseline+dg"]["final"] == dg["final"]
