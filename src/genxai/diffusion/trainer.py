@@ -276,6 +276,10 @@ class GuidedDiffusionStep(TrainStep):
             x0_hat = self.schedule.predict_x0(x_t, t, ema(x_t, t).float()).clamp(-1, 1)
         s, w = self.saliency_and_weight(x0_hat, t)
         tensors = {"x0": x0, "x0_hat": x0_hat, "saliency": s, "weight": w, "t": t}
+        # Where D sees "fake" in the run's own samples at this point (clean images: t = 0).
+        shown = grid[:count].to(loop.device) * 2 - 1
+        zero = torch.zeros(len(shown), device=loop.device, dtype=torch.long)
+        tensors["samples"], tensors["samples_saliency"] = shown, self.saliency_and_weight(shown, zero)[0]
         if ema.attention_maps != "none":
             with torch.no_grad():
                 for level, a in enumerate(ema.attention_pyramid(s, x0)):

@@ -12,6 +12,7 @@ The ablation itself (training every variant on the same budget, FID) lives in
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 from genxai.diffusion.ablation import run_ablation
 from genxai.diffusion.config import build_dataset, load_experiment
 from genxai.jobs.premise import premise_experiment, premise_sections
-from genxai.report.ablation import seed_curves
+from genxai.report.ablation import plot_sample_saliency, seed_curves
 from genxai.report.figures import grid, overlay, real_images_figure, save_png, to_rgb
 from genxai.report.html import LOAD_NOTE, MINMAX, Colorbar, Picture, Section, Table, build_report
 from genxai.report.plots import ablation_figures, file_label
@@ -55,6 +56,10 @@ def draw_ablation_figures(root: str | Path, results: dict[str, Any] | None = Non
         rid: run for rid, run in results["runs"].items() if run.get("seed", first_seed) == first_seed
     }
     figures = ablation_figures(root, {**results, "runs": per_run})
+    for rid, run in per_run.items():
+        drawn = plot_sample_saliency(rid, run["snapshots"], root / f"sample_saliency_{file_label(rid)}.png")
+        if drawn is not None:
+            figures[f"sample_saliency_{rid}"] = os.path.relpath(drawn, root)
     if len(results.get("seeds", [])) > 1 or results.get("costs"):
         figures |= seed_curves(root, results)
     results = {**results, "figures": figures}
@@ -233,6 +238,19 @@ def ablation_sections(root: str | Path, results: dict[str, Any] | None = None) -
                 text="Per row, a point in training: the real x0, the model's estimate x0_hat, D's saliency S "
                 "(|d fake score / d x0_hat|) and the noise weight w of Process2 (mean(w^2) = 1).",
                 images=maps,
+            )
+        )
+    on_samples = [
+        Picture(path, key.removeprefix("sample_saliency_"), IN_FIGURE)
+        for key, path in figures.items()
+        if key.startswith("sample_saliency_")
+    ]
+    if on_samples:
+        sections.append(
+            Section(
+                "Where D sees 'fake' in the run's samples, over training",
+                text="Per row pair, a point in training: the run's samples, then D's fake-score saliency on them.",
+                images=on_samples,
             )
         )
     attention = [

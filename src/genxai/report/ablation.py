@@ -22,6 +22,38 @@ CURVE_METRICS = ("FID", "KID", "precision", "recall", "valid")
 """Metrics (by the start of their name) that get a curve figure, when the results have them."""
 
 
+def plot_sample_saliency(label: str, snapshots: list[str], path: str | Path, rows: int = 4) -> Path | None:
+    """D's fake-score saliency on the run's own samples at up to ``rows`` points in training
+    (rows: Processes; each sample above its map). None when the snapshots hold no samples."""
+    from genxai.report.plots import load_snapshot
+
+    picks = [s for s in snapshots if "samples_saliency" in load_snapshot(s)[0]]
+    if not picks:
+        return None
+    if len(picks) > rows:
+        picks = [picks[round(i * (len(picks) - 1) / (rows - 1))] for i in range(rows)]
+    first, _ = load_snapshot(picks[0])
+    n = min(6, len(first["samples"]))
+    fig = Figure(figsize=(1.5 * n, 3.1 * len(picks)))
+    axes = fig.subplots(2 * len(picks), n, squeeze=False)
+    for r, snapshot in enumerate(picks):
+        tensors, meta = load_snapshot(snapshot)
+        for i in range(n):
+            image = ((tensors["samples"][i].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+            axes[2 * r][i].imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None)
+            shown = axes[2 * r + 1][i].imshow(tensors["samples_saliency"][i, 0].numpy(), cmap="inferno")
+            fig.colorbar(shown, ax=axes[2 * r + 1][i], fraction=0.046)
+            for ax in (axes[2 * r][i], axes[2 * r + 1][i]):
+                ax.axis("off")
+        axes[2 * r][0].set_title(f"{meta.get('processes', '?')} Processes", fontsize=8, loc="left")
+    fig.suptitle(f"{label}: D's fake-score saliency on its samples over training", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.split(" (")[0].lower()).strip("_")
 
